@@ -1,0 +1,162 @@
+"""The task contract: a trained FP32 model, its data and its metric.
+
+A task is a Python module (usually in the project's ``tasks/`` folder) that exposes a module-level
+``TASK`` object, an instance of :class:`Task`. Its constructor must be cheap: data and weights are
+loaded lazily, the first time a method needs them, and cached.
+
+Inputs travel as a :data:`Batch`, a dict from the model's input names to numpy arrays whose first
+axis is the (dynamic) batch axis. Models return one output tensor (the logits for classifiers).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+Batch = dict[str, np.ndarray]
+LabeledBatch = tuple[Batch, np.ndarray]
+
+
+class Task(ABC):
+    """A trained model with calibration data, evaluation data and a metric.
+
+    Subclasses set the class attributes and implement the abstract methods. The metric is
+    top-1 accuracy in percent unless :meth:`metric` is overridden; ``higher_is_better`` gives its
+    direction, which the accuracy-drop computation follows.
+    """
+
+    name: ClassVar[str]
+    metric_name: ClassVar[str] = "top1_accuracy_pct"
+    higher_is_better: ClassVar[bool] = True
+    input_names: ClassVar[tuple[str, ...]] = ("input",)
+    output_names: ClassVar[tuple[str, ...]] = ("logits",)
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Dynamic axes of every input and output (ONNX export naming): the batch axis by default."""
+        return {n: {0: "batch"} for n in (*self.input_names, *self.output_names)}
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """Return a fresh FP32 model with its trained weights, in eval mode."""
+
+    @abstractmethod
+    def example_inputs(self, batch_size: int = 1) -> Batch:
+        """Return real inputs of ``batch_size`` samples (used for export and latency)."""
+
+    @property
+    @abstractmethod
+    def calibration_size(self) -> int:
+        """Number of samples in the calibration split."""
+
+    @abstractmethod
+    def calibration_batches(self, n: int, batch_size: int = 32) -> Iterator[Batch]:
+        """Yield the first ``n`` samples of the calibration split in batches.
+
+        Raises:
+            TaskError: if ``n`` is not in ``1..calibration_size``.
+        """
+
+    @abstractmethod
+    def eval_batches(self, batch_size: int = 256) -> Iterator[LabeledBatch]:
+        """Yield the evaluation split as (inputs, labels) batches, always in the same order."""
+
+    def train_batches(self, batch_size: int = 64, *, seed: int = 0) -> Iterator[LabeledBatch]:
+        """Yield one epoch of the training split, shuffled with ``seed``.
+
+        Tasks without a training split keep this default, which raises ``TaskError``; backends
+        that fine-tune (QAT) are then unavailable for the task.
+        """
+        from sweeper.errors import TaskError
+
+        raise TaskError(f"task '{self.name}' has no training split")
+
+    @property
+    def has_training_split(self) -> bool:
+        """Whether :meth:`train_batches` is implemented."""
+        return type(self).train_batches is not Task.train_batches
+
+    def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
+        """Top-1 accuracy in percent of ``outputs`` (logits, batch-first) against ``labels``."""
+        return float(np.mean(np.argmax(outputs, axis=-1) == labels) * 100.0)
+
+
+def check_sample_count(task: Task, n: int) -> None:
+    """Raise ``TaskError`` unless ``1 <= n <= task.calibration_size``."""
+    from sweeper.errors import TaskError
+
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= task.calibration_size:
+        raise TaskError(
+            f"task '{task.name}' has {task.calibration_size} calibration samples; "
+            f"a calibration sample count must be an integer in 1..{task.calibration_size}, got {n!r}"
+        )
+
+
+def find_task_file(ref: str, search_dirs: list[Path]) -> Path:
+    """Resolve a task reference (a name such as ``digits_cnn`` or a path to a ``.py`` file).
+
+    A name is looked up as ``<dir>/<name>.py`` in each of ``search_dirs`` in order.
+
+    Raises:
+        TaskError: naming the places looked in and the tasks found there.
+    """
+    from sweeper.errors import TaskError, did_you_mean
+
+    if ref.endswith(".py") or "/" in ref:
+        path = Path(ref).expanduser()
+        if not path.is_file():
+            raise TaskError(f"task file '{ref}' does not exist; give a task name or a path to a .py file")
+        return path.resolve()
+    for directory in search_dirs:
+        candidate = directory / f"{ref}.py"
+        if candidate.is_file():
+            return candidate.resolve()
+    known = sorted({p.stem for d in search_dirs if d.is_dir() for p in d.glob("*.py") if not p.stem.startswith("_")})
+    where = ", ".join(str(d) for d in search_dirs) or "(no task folder)"
+    raise TaskError(
+        f"unknown task '{ref}'.{did_you_mean(ref, known)} "
+        f"Tasks found in {where}: {', '.join(known) or 'none'}."
+    )
+
+
+@cache
+def load_task(path: str, attr: str = "TASK") -> Task:
+    """Import the task module at ``path`` and return its ``attr`` object (cached per process).
+
+    Raises:
+        TaskError: when the module cannot be imported, lacks ``attr``, or ``attr`` is not a Task.
+    """
+    from sweeper.errors import TaskError
+
+    module_name = f"sweeper_task_{Path(path).stem}_{abs(hash(path)) % 10**8}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise TaskError(f"cannot import task file '{path}'")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise TaskError(f"task file '{path}' raised while loading: {type(exc).__name__}: {exc}") from exc
+    task = getattr(module, attr, None)
+    if task is None:
+        raise TaskError(
+            f"task file '{path}' defines no '{attr}'; a task module must define "
+            f"`{attr} = YourTask()` where YourTask subclasses sweeper.task.Task"
+        )
+    if not isinstance(task, Task):
+        raise TaskError(
+            f"'{attr}' in task file '{path}' is of type {type(task).__name__}, not a sweeper.task.Task"
+        )
+    return task
