@@ -1,0 +1,108 @@
+"""The backend contract: a validated config, a build step, and the Candidate it produces."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from sweeper.task import Batch, Task
+
+if TYPE_CHECKING:
+    import torch
+
+Hardware = Literal["cpu", "gpu"]
+
+
+class BackendConfig(BaseModel):
+    """Base of every backend's config: frozen, no unknown fields, validated on construction.
+
+    Each field is a parameter the search space may fix or search. Fields use ``Literal`` types
+    for choices and ``Field(ge=..., le=...)`` for ranges, so a validation error can say what is
+    allowed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildContext:
+    """Everything a backend needs to build one candidate, prepared by the trial runner.
+
+    Attributes:
+        model: the task's FP32 model in eval mode. Shared across trials: never modify it in
+            place (``copy.deepcopy`` first).
+        task: the task, for example inputs, calibration and training data.
+        workdir: an empty folder private to this trial, for intermediate files.
+        cache_dir: a folder shared by the trials on this machine, for results that depend only
+            on the model and a few settings (an exported FP32 ONNX file, calibration ranges).
+        num_threads: the CPU threads this trial may use (the cores its Ray task reserved).
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+
+    model: torch.nn.Module
+    task: Task
+    workdir: Path
+    cache_dir: Path
+    num_threads: int
+    device: str = "cpu"
+
+
+class Candidate(ABC):
+    """One built candidate: it predicts, saves its artifact, and reports the artifact's size."""
+
+    _artifact: Path | None = None
+
+    @abstractmethod
+    def predict(self, batch: Batch) -> np.ndarray:
+        """Return the model's output for ``batch`` as a float32 numpy array."""
+
+    @abstractmethod
+    def _write(self, directory: Path) -> Path:
+        """Write the deployable artifact into ``directory``; return its path (file or folder)."""
+
+    def save(self, directory: Path) -> Path:
+        """Save the deployable artifact into ``directory`` and return its path."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self._artifact = self._write(directory)
+        return self._artifact
+
+    def size_bytes(self) -> int:
+        """Bytes of the saved artifact on disk (a folder counts all its files)."""
+        if self._artifact is None:
+            raise RuntimeError("save() the candidate before asking for its size")
+        path = self._artifact
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size
+
+
+class Backend(ABC):
+    """A way to turn the FP32 model into a deployable candidate.
+
+    Subclasses set ``name``, ``Config``, ``hardware`` and ``min_agreement_pct`` (the top-1
+    agreement with FP32 that the contract test demands on the digits task), and implement
+    :meth:`build` and :meth:`load`. Modules import torch, onnxruntime and other heavy or optional
+    libraries inside methods, so that reading a backend's config never needs them.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BackendConfig]]
+    hardware: ClassVar[frozenset[Hardware]] = frozenset({"cpu"})
+    min_agreement_pct: ClassVar[float] = 95.0
+
+    def unavailable_reason(self) -> str | None:
+        """Return why this backend cannot run on this machine, or ``None`` if it can."""
+        return None
+
+    @abstractmethod
+    def build(self, ctx: BuildContext, config: BackendConfig) -> Candidate:
+        """Build a candidate from ``ctx.model`` with ``config``."""
+
+    @abstractmethod
+    def load(self, artifact: Path, ctx: BuildContext, config: BackendConfig) -> Candidate:
+        """Load a candidate from an artifact written by :meth:`Candidate.save`."""

@@ -1,0 +1,368 @@
+"""Shared ONNX helpers: export the FP32 model once per machine, and run ONNX files on ORT CPU.
+
+The exported file is what every ONNX Runtime backend starts from: the task's model exported with
+its input/output names and dynamic axes, checked, and put through ONNX Runtime's quantization
+pre-processing (symbolic shape inference and graph cleanup). It is cached in
+``BuildContext.cache_dir``, keyed by the task, the model's weights, the opset, the exporter and the
+library versions, so that the many trials a machine runs export once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Collection, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Self
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from sweeper.backends._base import BackendConfig, BuildContext, Candidate
+from sweeper.cache import cache_key, cached_file
+from sweeper.errors import ConfigError, SweeperInputError, did_you_mean
+from sweeper.task import Batch, Task
+
+if TYPE_CHECKING:
+    import onnxruntime
+    import torch
+
+Exporter = Literal["torchscript", "dynamo"]
+
+# torch 2.14's TorchScript exporter implements opsets up to 20
+# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET).
+# Its dynamo exporter implements 18 and above; a lower opset goes through a best-effort version
+# converter that silently keeps opset 18 when it fails (it does for some models at 13 and 14).
+TORCHSCRIPT_MAX_OPSET = 20
+DYNAMO_MIN_OPSET = 18
+# Static QDQ per-channel quantization needs opset 13; 21 is the newest opset this project tests.
+MIN_OPSET = 13
+MAX_OPSET = 21
+
+# ONNX Runtime input element types, as the session reports them, to numpy dtypes.
+_ORT_DTYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+# Loggers whose warnings and progress lines the exporters and ORT's quantization tools emit.
+_CHATTY_LOGGERS = (
+    "torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript", "root",
+)  # fmt: skip
+
+
+class OnnxExportError(SweeperInputError):
+    """The task's model cannot be exported to ONNX with the chosen exporter and opset."""
+
+
+class OnnxExportConfig(BackendConfig):
+    """Fields shared by every backend that starts from the exported ONNX model.
+
+    Attributes:
+        opset: the ONNX opset to export with. The TorchScript exporter supports 13..20, the
+            dynamo exporter 18..21.
+        exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``) or ``"dynamo"``
+            (``torch.export``-based).
+    """
+
+    opset: int = Field(default=17, ge=MIN_OPSET, le=MAX_OPSET)
+    exporter: Exporter = "torchscript"
+
+    @model_validator(mode="after")
+    def _check_opset_for_exporter(self) -> Self:
+        if self.exporter == "torchscript" and self.opset > TORCHSCRIPT_MAX_OPSET:
+            raise ValueError(
+                f"exporter 'torchscript' supports opset {MIN_OPSET}..{TORCHSCRIPT_MAX_OPSET}, got opset "
+                f"{self.opset}; use exporter 'dynamo' for opset {TORCHSCRIPT_MAX_OPSET + 1}..{MAX_OPSET}"
+            )
+        if self.exporter == "dynamo" and self.opset < DYNAMO_MIN_OPSET:
+            raise ValueError(
+                f"exporter 'dynamo' supports opset {DYNAMO_MIN_OPSET}..{MAX_OPSET}, got opset "
+                f"{self.opset}; use exporter 'torchscript' for opset {MIN_OPSET}..{DYNAMO_MIN_OPSET - 1}"
+            )
+        return self
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Return a hash of ``model``'s architecture (its repr) and every tensor of its state dict."""
+    import torch
+
+    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{tensor.dtype}{tuple(value.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
+def export_onnx(ctx: BuildContext, *, opset: int, exporter: Exporter) -> Path:
+    """Export ``ctx.model`` to a checked, pre-processed FP32 ONNX file (cached per machine).
+
+    Raises:
+        OnnxExportError: naming the task, exporter and opset, with the exporter's reason.
+    """
+    import onnxruntime
+    import torch
+
+    key = cache_key(
+        task=ctx.task.name,
+        model=model_fingerprint(ctx.model),
+        opset=opset,
+        exporter=exporter,
+        torch=torch.__version__,
+        onnxruntime=onnxruntime.__version__,
+    )
+    path = ctx.cache_dir / "onnx" / f"{ctx.task.name}-{exporter}-opset{opset}-{key}.onnx"
+    return cached_file(path, lambda tmp: _export_and_preprocess(ctx, opset, exporter, tmp))
+
+
+def _export_and_preprocess(ctx: BuildContext, opset: int, exporter: Exporter, out: Path) -> None:
+    import onnx
+    import torch
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    task = ctx.task
+    what = f"task '{task.name}' with exporter '{exporter}' at opset {opset}"
+    # Two samples, not one: torch.export specialises a dimension of size 1 to a constant.
+    example = task.example_inputs(2)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[name])) for name in task.input_names)
+    with tempfile.TemporaryDirectory(dir=ctx.workdir, prefix="onnx-export-") as tmpdir:
+        raw, pre = Path(tmpdir) / "exported.onnx", Path(tmpdir) / "preprocessed.onnx"
+        with quiet(native=True):
+            try:
+                with torch.no_grad():
+                    _run_exporter(ctx.model, args, raw, task, opset, exporter)
+                model = onnx.load(str(raw))
+                onnx.checker.check_model(model)
+            except Exception as exc:
+                raise OnnxExportError(f"cannot export {what}: {_reason(exc)}") from exc
+        exported_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        if exported_opset != opset:
+            raise OnnxExportError(
+                f"cannot export {what}: the exporter produced opset {exported_opset} instead; "
+                f"choose an opset the exporter implements"
+            )
+        with quiet(native=True):
+            try:
+                quant_pre_process(str(raw), str(pre))
+                onnx.checker.check_model(str(pre))
+            except Exception as exc:
+                raise OnnxExportError(
+                    f"ONNX Runtime's quantization pre-processing failed on the export of {what}: "
+                    f"{_reason(exc)}"
+                ) from exc
+        shutil.copyfile(pre, out)
+
+
+def _run_exporter(
+    model: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    task: Task,
+    opset: int,
+    exporter: Exporter,
+) -> None:
+    import torch
+
+    input_names, output_names = list(task.input_names), list(task.output_names)
+    dynamic_axes = task.dynamic_axes
+    if exporter == "torchscript":
+        # torch 2.14's TorchScript exporter switches ONNX logging on for the whole process and
+        # leaves it on (its setup_onnx_logging tests a function for truth); put it back.
+        log_enabled = torch._C._jit_is_onnx_log_enabled()
+        try:
+            torch.onnx.export(
+                model, args, str(path), dynamo=False, verbose=False, opset_version=opset,
+                input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+            )  # fmt: skip
+        finally:
+            torch._C._jit_set_onnx_log_enabled(log_enabled)
+        return
+    # One Dim per axis name, shared by every input that names it; one entry per positional input.
+    names = {dim for axes in dynamic_axes.values() for dim in axes.values()}
+    dims = {dim: torch.export.Dim(_identifier(dim)) for dim in names}
+    dynamic_shapes = tuple(
+        {axis: dims[dim] for axis, dim in dynamic_axes.get(name, {}).items()} for name in input_names
+    )
+    torch.onnx.export(
+        model, args, str(path), dynamo=True, verbose=False, opset_version=opset, external_data=False,
+        input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+    )  # fmt: skip
+
+
+def _identifier(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in name)
+    return cleaned if cleaned[:1].isalpha() else f"d_{cleaned}"
+
+
+@contextlib.contextmanager
+def quiet(*, native: bool = False) -> Iterator[io.StringIO]:
+    """Capture prints, Python warnings and library log lines; yield the captured text.
+
+    Args:
+        native: also capture what native code writes to the process's stdout and stderr file
+            descriptors (the TorchScript exporter dumps its whole IR graph there on failure).
+    """
+    import warnings
+
+    buffer = io.StringIO()
+    loggers = [logging.getLogger(n) for n in _CHATTY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    root = logging.getLogger()
+    # ORT's quantizer logs with logging.warning(), which installs a stderr handler on a root
+    # logger without handlers: that handler would keep writing into this block's buffer.
+    guard = logging.NullHandler() if not root.handlers else None
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.ExitStack() as stack:
+            if native:
+                stack.enter_context(_native_output_captured())
+            stack.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            stack.enter_context(contextlib.redirect_stdout(buffer))
+            stack.enter_context(contextlib.redirect_stderr(buffer))
+            yield buffer
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        if guard is not None:
+            root.removeHandler(guard)
+
+
+@contextlib.contextmanager
+def _native_output_captured() -> Iterator[None]:
+    """Point file descriptors 1 and 2 at a scratch file for the duration, then restore them."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        for fd in saved:
+            os.close(fd)
+
+
+def _reason(exc: BaseException, max_lines: int = 6) -> str:
+    """The gist of an exporter's exception: its type and first lines, without colour codes.
+
+    The dynamo exporter's messages open with generic advice and put the cause under
+    ``## Exception summary``; that part is kept instead.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    gist = " ".join(lines[:max_lines]) + (" ..." if len(lines) > max_lines else "")
+    return f"{type(exc).__name__}: {gist}"
+
+
+def onnx_unavailable_reason() -> str | None:
+    """Why the ONNX Runtime backends cannot run here (a missing package), or ``None``."""
+    import importlib.util
+
+    for package in ("torch", "onnx", "onnxruntime"):
+        if importlib.util.find_spec(package) is None:
+            return f"the '{package}' package is not installed (pip install {package})"
+    return None
+
+
+def graph_nodes(path: Path, op_types: Collection[str]) -> list[tuple[str, str]]:
+    """Return ``(name, op_type)`` of the nodes of the ONNX file ``path`` with a type in ``op_types``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [(node.name, node.op_type) for node in graph.node if node.op_type in op_types]
+
+
+def check_nodes_to_exclude(
+    nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str
+) -> None:
+    """Raise ``ConfigError`` naming the ``nodes_to_exclude`` that are not ``quantizable`` nodes.
+
+    ``what`` names the model in the message (task, exporter, opset).
+    """
+    known = {name for name, _ in quantizable}
+    unknown = [name for name in nodes_to_exclude if name not in known]
+    if not unknown:
+        return
+    shown = ", ".join(f"'{name}' ({op})" for name, op in quantizable[:12])
+    more = f" and {len(quantizable) - 12} more" if len(quantizable) > 12 else ""
+    hint = "".join(did_you_mean(name, known) for name in unknown[:1])
+    raise ConfigError(
+        f"nodes_to_exclude names {unknown} that are not quantizable nodes of {what}.{hint} "
+        f"Quantizable nodes: {shown or 'none'}{more}."
+    )
+
+
+def make_session(path: Path, num_threads: int) -> onnxruntime.InferenceSession:
+    """Open ``path`` on ORT's CPU provider with ``num_threads`` intra-op threads, sequential."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT warns about unused initializers and the like
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxCandidate(Candidate):
+    """An ONNX file run by an ONNX Runtime CPU session."""
+
+    def __init__(self, path: Path, num_threads: int) -> None:
+        self.path = path
+        self.session = make_session(path, num_threads)
+        self._dtypes = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self._output = self.session.get_outputs()[0].name
+
+    def predict(self, batch: Batch) -> np.ndarray:
+        try:
+            feeds = {name: np.asarray(batch[name], dtype=dtype) for name, dtype in self._dtypes.items()}
+        except KeyError:
+            raise KeyError(
+                f"the model's inputs are {sorted(self._dtypes)}; the batch has {sorted(batch)}"
+            ) from None
+        (output,) = self.session.run([self._output], feeds)
+        return np.asarray(output, dtype=np.float32)
+
+    def _write(self, directory: Path) -> Path:
+        target = directory / "model.onnx"
+        shutil.copyfile(self.path, target)
+        return target
+
+
+def load_onnx_candidate(artifact: Path, num_threads: int) -> OnnxCandidate:
+    """Open an ONNX file written by :meth:`OnnxCandidate.save`."""
+    if not artifact.is_file():
+        raise FileNotFoundError(f"no ONNX artifact at '{artifact}'")
+    return OnnxCandidate(artifact, num_threads)
