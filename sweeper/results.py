@@ -1,0 +1,179 @@
+"""Result rows: one Parquet file per trial, a fixed schema, and :func:`load` into pandas.
+
+A study folder looks like::
+
+    <out>/<study>/study.json                 what was swept (space, task, schema version)
+    <out>/<study>/study.journal              the Optuna study (journal storage)
+    <out>/<study>/trials/trial-000012.parquet  one row per finished trial
+    <out>/<study>/artifacts/trial-000012/    the trial's saved model
+
+Each row file is written to a temporary name and renamed, and an existing row is never
+overwritten, so a crash never leaves half a file and a resumed study never duplicates a row.
+The folder reads directly in DuckDB (``read_parquet('<study>/trials/*.parquet')``) and Polars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SCHEMA_VERSION = 1
+
+_TS = pa.timestamp("us", tz="UTC")
+
+# (name, type, meaning). Units are in the names; accuracy columns use the task metric's units
+# (percent for top-1 accuracy), and accuracy_drop the constraint's mode (points or percent).
+COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("schema_version", pa.int32(), "version of this schema"),
+    ("study", pa.string(), "study name"),
+    ("trial_number", pa.int64(), "Optuna trial number, unique in the study"),
+    ("state", pa.string(), "complete, failed or pruned"),
+    ("task", pa.string(), "task name"),
+    ("backend", pa.string(), "backend name"),
+    ("params_json", pa.string(), "the backend config's values as JSON"),
+    ("attempt", pa.int32(), "how many times the trial was started (Ray retries and resumes)"),
+    ("started_at", _TS, "when the trial started (UTC)"),
+    ("finished_at", _TS, "when the trial finished (UTC)"),
+    ("duration_s", pa.float64(), "wall time of the trial in seconds"),
+    ("metric_name", pa.string(), "the task metric"),
+    ("accuracy_fp32", pa.float64(), "task metric of the FP32 model"),
+    ("accuracy", pa.float64(), "task metric of the candidate"),
+    ("accuracy_drop", pa.float64(), "FP32 metric minus candidate metric (sign follows the metric's direction)"),
+    ("drop_mode", pa.string(), "absolute (metric units) or relative (percent of FP32)"),
+    ("max_drop", pa.float64(), "the constraint: largest drop allowed"),
+    ("feasible", pa.bool_(), "accuracy_drop <= max_drop"),
+    ("agreement", pa.float64(), "percent of evaluation samples with the FP32 model's top-1 class"),
+    ("output_max_abs_error", pa.float64(), "largest absolute output difference from FP32"),
+    ("latency_ms_p50", pa.float64(), "candidate latency per call, median"),
+    ("latency_ms_p90", pa.float64(), "candidate latency per call, 90th percentile"),
+    ("latency_ms_p99", pa.float64(), "candidate latency per call, 99th percentile"),
+    ("latency_ms_mean", pa.float64(), "candidate latency per call, mean"),
+    ("latency_ms_std", pa.float64(), "candidate latency per call, standard deviation"),
+    ("latency_runs", pa.int64(), "timed calls of the candidate"),
+    ("baseline_latency_ms_p50", pa.float64(), "FP32 PyTorch latency, median, timed interleaved with the candidate"),
+    ("baseline_latency_ms_p90", pa.float64(), "FP32 PyTorch latency, 90th percentile"),
+    ("speedup", pa.float64(), "baseline_latency_ms_p50 / latency_ms_p50"),
+    ("size_bytes", pa.int64(), "bytes of the saved artifact"),
+    ("baseline_size_bytes", pa.int64(), "bytes of the FP32 state dict"),
+    ("num_threads", pa.int32(), "CPU threads the trial used"),
+    ("batch_size", pa.int32(), "batch size of the latency calls"),
+    ("device", pa.string(), "cpu or cuda"),
+    ("node_id", pa.string(), "Ray node id"),
+    ("hostname", pa.string(), "host name of the node"),
+    ("cpu_model", pa.string(), "CPU model of the node"),
+    ("torch_version", pa.string(), ""),
+    ("onnxruntime_version", pa.string(), ""),
+    ("optuna_version", pa.string(), ""),
+    ("ray_version", pa.string(), ""),
+    ("sweeper_version", pa.string(), ""),
+    ("error", pa.string(), "error text of a failed trial"),
+    ("artifact_path", pa.string(), "where the trial saved its model"),
+]
+
+SCHEMA = pa.schema([pa.field(name, dtype, metadata={"doc": doc}) for name, dtype, doc in COLUMNS]).with_metadata(
+    {"sweeper_schema_version": str(SCHEMA_VERSION)}
+)
+COLUMN_NAMES = [name for name, _, _ in COLUMNS]
+
+
+def trials_dir(study_dir: Path) -> Path:
+    return study_dir / "trials"
+
+
+def row_path(study_dir: Path, trial_number: int) -> Path:
+    return trials_dir(study_dir) / f"trial-{trial_number:06d}.parquet"
+
+
+def write_row(study_dir: Path, row: dict[str, Any]) -> Path:
+    """Write one trial's row atomically; refuse to overwrite an existing row.
+
+    Raises:
+        FileExistsError: when the trial already has a row.
+        KeyError: when ``row`` has a key that is not a column.
+    """
+    unknown = set(row) - set(COLUMN_NAMES)
+    if unknown:
+        raise KeyError(f"not result columns: {sorted(unknown)}")
+    full = {name: row.get(name) for name in COLUMN_NAMES}
+    full["schema_version"] = SCHEMA_VERSION
+    table = pa.Table.from_pylist([full], schema=SCHEMA)
+    path = row_path(study_dir, int(full["trial_number"]))
+    if path.exists():
+        raise FileExistsError(f"trial {full['trial_number']} already has a row at {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".parquet.tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.link(tmp, path)  # fails if a row appeared meanwhile: never overwrite
+    finally:
+        os.unlink(tmp)
+    return path
+
+
+def study_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Expand results folders into study folders (those holding a ``trials`` folder)."""
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if trials_dir(path).is_dir():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(p.parent for p in path.glob("*/trials") if p.is_dir()))
+        else:
+            raise FileNotFoundError(f"results folder '{path}' does not exist")
+    return found
+
+
+def read_table(paths: str | Path | Iterable[str | Path]) -> pa.Table:
+    """Read every row of the given studies as one Arrow table with the current schema."""
+    files = [f for d in study_dirs(paths) for f in sorted(trials_dir(d).glob("trial-*.parquet"))]
+    if not files:
+        return SCHEMA.empty_table()
+    tables = [_conform(pq.read_table(f)) for f in files]
+    return pa.concat_tables(tables)
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """Bring a row written by an older schema version to the current one (missing columns null)."""
+    columns = []
+    for field in SCHEMA:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+    """Load one or more studies' rows into a pandas DataFrame, sorted by study and trial.
+
+    ``paths`` may be a study folder, a results folder holding several studies, or a list of
+    either.
+    """
+    df = read_table(paths).to_pandas()
+    return df.sort_values(["study", "trial_number"], ignore_index=True)
+
+
+def write_study_info(study_dir: Path, info: dict[str, Any]) -> None:
+    """Write ``study.json`` (atomically)."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    tmp = study_dir / ".study.json.tmp"
+    tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str))
+    os.replace(tmp, study_dir / "study.json")
+
+
+def read_study_info(study_dir: Path) -> dict[str, Any] | None:
+    path = study_dir / "study.json"
+    return json.loads(path.read_text()) if path.is_file() else None
