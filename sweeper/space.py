@@ -1,0 +1,352 @@
+"""Search-space files: parse, validate against the backends' configs, and suggest trials.
+
+A space file is YAML::
+
+    task: digits_cnn
+    trials: 20
+    objective: latency_ms_p50          # minimised
+    constraint: {max_drop: 1.0, mode: absolute}
+    hardware: {target: cpu, num_cpus: 1}
+    backends:
+      onnxruntime_fp32: {}                          # every field at its default
+      onnxruntime_static_int8:
+        calibration_method: [minmax, entropy]      # a list: choose one of these
+        calibration_samples: {low: 32, high: 256, log: true}   # a range (int or float by field)
+        per_channel: true                           # a scalar: fixed
+        nodes_to_exclude: {value: []}               # a list-valued field fixed to a list
+
+Everything is checked before any trial starts; an error names the file, the key and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from sweeper.errors import ConfigError, did_you_mean
+
+Objective = Literal["latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "size_bytes"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConstraintSpec(_Strict):
+    max_drop: float = Field(ge=0, description="largest accuracy drop allowed")
+    mode: Literal["absolute", "relative"] = "absolute"
+
+
+class HardwareSpec(_Strict):
+    target: Literal["cpu", "gpu"] = "cpu"
+    num_cpus: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0, ge=0)
+
+
+class MeasureSpec(_Strict):
+    batch_size: int = Field(default=1, ge=1)
+    warmup_runs: int = Field(default=10, ge=0)
+    min_runs: int = Field(default=50, ge=1)
+    max_runs: int = Field(default=2000, ge=1)
+    min_time_s: float = Field(default=1.0, ge=0)
+    round_size: int = Field(default=10, ge=1)
+    eval_batch_size: int = Field(default=256, ge=1)
+
+
+class SpaceFile(_Strict):
+    task: str
+    study: str | None = None
+    trials: int = Field(default=20, ge=1)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    objective: Objective = "latency_ms_p50"
+    constraint: ConstraintSpec
+    hardware: HardwareSpec = HardwareSpec()
+    measure: MeasureSpec = MeasureSpec()
+    backends: dict[str, dict[str, Any] | None] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    value: Any
+
+
+@dataclass(frozen=True)
+class Choices:
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Range:
+    low: int | float
+    high: int | float
+    log: bool = False
+    step: int | float | None = None
+    integer: bool = False
+
+
+Param = Fixed | Choices | Range
+
+
+@dataclass(frozen=True)
+class Space:
+    """A validated search space."""
+
+    path: Path
+    task: str
+    study: str
+    trials: int
+    max_concurrent: int | None
+    seed: int | None
+    objective: Objective
+    constraint: ConstraintSpec
+    hardware: HardwareSpec
+    measure: MeasureSpec
+    backends: dict[str, dict[str, Param]]
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a search-space file.
+
+    Raises:
+        ConfigError: naming the file, the key, and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys such as task, constraint, backends")
+    try:
+        spec = SpaceFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(path, exc, SpaceFile)) from None
+    backends = {name: _parse_backend(path, name, params or {}) for name, params in spec.backends.items()}
+    for name in backends:
+        from sweeper.backends import get_backend
+
+        hardware = get_backend(name).hardware
+        if spec.hardware.target not in hardware:
+            raise ConfigError(
+                f"{path}: backends.{name}: runs on {', '.join(sorted(hardware))}, but hardware.target "
+                f"is '{spec.hardware.target}'; remove the backend or change the target"
+            )
+    if spec.hardware.target == "gpu" and spec.hardware.num_gpus <= 0:
+        raise ConfigError(f"{path}: hardware.num_gpus must be > 0 when hardware.target is 'gpu'")
+    return Space(
+        path=path,
+        task=spec.task,
+        study=spec.study or path.stem,
+        trials=spec.trials,
+        max_concurrent=spec.max_concurrent,
+        seed=spec.seed,
+        objective=spec.objective,
+        constraint=spec.constraint,
+        hardware=spec.hardware,
+        measure=spec.measure,
+        backends=backends,
+    )
+
+
+def _explain(path: Path, exc: ValidationError, model: type[BaseModel] | None = None, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        key = prefix + ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and model is not None:
+            allowed = _allowed_keys(model, err["loc"])
+            msg = f"unknown key.{did_you_mean(str(err['loc'][-1]), allowed)} Allowed keys: {', '.join(allowed)}"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{path}: key '{key}': {msg} (got {err.get('input')!r})" if err["type"] not in ("missing", "extra_forbidden") else f"{path}: key '{key}': {msg}")
+    return "; ".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            break
+    return list(model.model_fields)
+
+
+def _parse_backend(path: Path, name: str, raw: dict[str, Any]) -> dict[str, Param]:
+    from sweeper.backends import get_backend
+
+    try:
+        config_cls = get_backend(name).Config
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: key 'backends.{name}': {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: key 'backends.{name}' must be a mapping of parameter names to values")
+    fields = config_cls.model_fields
+    params: dict[str, Param] = {}
+    for key, value in raw.items():
+        where = _Where(f"{path}: key 'backends.{name}.{key}")
+        if key not in fields:
+            raise ConfigError(
+                f"{where}: '{name}' has no parameter '{key}'.{did_you_mean(key, fields)} "
+                f"Its parameters: {', '.join(fields)}"
+            )
+        params[key] = _parse_param(where, value, fields[key])
+    return params
+
+
+class _Where(str):
+    """Where a value sits, as ``FILE: key 'a.b.c'``; ``where.sub("low")`` names a sub-key."""
+
+    def __new__(cls, prefix: str) -> _Where:
+        self = super().__new__(cls, prefix + "'")
+        self.prefix = prefix
+        return self
+
+    def sub(self, key: str) -> _Where:
+        return _Where(f"{self.prefix}.{key}")
+
+
+def _field_adapter(field: Any) -> TypeAdapter:
+    annotation = field.annotation
+    if field.metadata:
+        annotation = typing.Annotated[(annotation, *field.metadata)]
+    return TypeAdapter(annotation)
+
+
+def _check_value(where: _Where, adapter: TypeAdapter, value: Any) -> Any:
+    try:
+        return adapter.validate_python(value, strict=True)
+    except ValidationError as exc:
+        msg = "; ".join(e["msg"] for e in exc.errors())
+        raise ConfigError(f"{where}: {value!r} is not allowed: {msg}") from None
+
+
+def _is_sequence_field(field: Any) -> bool:
+    origin = typing.get_origin(field.annotation)
+    return origin in (tuple, list)
+
+
+def _is_integer_field(field: Any) -> bool | None:
+    """True for int fields, False for float fields, None for anything else."""
+    if field.annotation is int:
+        return True
+    if field.annotation is float:
+        return False
+    return None
+
+
+def _parse_param(where: _Where, value: Any, field: Any) -> Param:
+    adapter = _field_adapter(field)
+    if isinstance(value, dict):
+        keys = set(value)
+        if keys == {"value"}:
+            return Fixed(_check_value(where, adapter, _tuple(value["value"], field)))
+        if keys == {"choices"}:
+            return _choices(where, adapter, value["choices"], field)
+        if keys and keys <= {"low", "high", "log", "step"} and {"low", "high"} <= keys:
+            return _range(where, adapter, value, field)
+        raise ConfigError(
+            f"{where}: a parameter is a scalar (fixed), a list (choices), {{value: ...}}, "
+            f"{{choices: [...]}} or {{low: ..., high: ..., log: bool, step: ...}}; got keys {sorted(keys)}"
+        )
+    if isinstance(value, list) and not _is_sequence_field(field):
+        return _choices(where, adapter, value, field)
+    return Fixed(_check_value(where, adapter, _tuple(value, field)))
+
+
+def _tuple(value: Any, field: Any) -> Any:
+    return tuple(value) if isinstance(value, list) and _is_sequence_field(field) else value
+
+
+def _choices(where: _Where, adapter: TypeAdapter, values: Any, field: Any) -> Choices:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: choices must be a non-empty list, got {values!r}")
+    checked = tuple(_check_value(where, adapter, _tuple(v, field)) for v in values)
+    if len(set(map(_encode, checked))) != len(checked):
+        raise ConfigError(f"{where}: choices contain duplicates: {values!r}")
+    return Choices(checked)
+
+
+def _range(where: _Where, adapter: TypeAdapter, spec: dict[str, Any], field: Any) -> Range:
+    integer = _is_integer_field(field)
+    if integer is None:
+        raise ConfigError(f"{where}: a range needs an int or float parameter; give a list of choices instead")
+    low, high = spec["low"], spec["high"]
+    log, step = spec.get("log", False), spec.get("step")
+    for label, bound in (("low", low), ("high", high)):
+        if isinstance(bound, bool) or not isinstance(bound, int if integer else (int, float)):
+            kind = "an integer" if integer else "a number"
+            raise ConfigError(f"{where.sub(label)}: must be {kind}, got {bound!r}")
+        _check_value(where.sub(label), adapter, float(bound) if not integer else bound)
+    if low >= high:
+        raise ConfigError(f"{where}: low ({low}) must be smaller than high ({high})")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{where.sub('log')}: must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0, got {low}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int | float) or step <= 0):
+        raise ConfigError(f"{where.sub('step')}: must be a positive number, got {step!r}")
+    if step is not None and log:
+        raise ConfigError(f"{where}: step and log cannot be combined")
+    return Range(low=low, high=high, log=log, step=step, integer=integer)
+
+
+def _encode(value: Any) -> Any:
+    """Optuna's categorical choices must be scalars: encode lists and tuples as JSON text."""
+    return json.dumps(list(value)) if isinstance(value, tuple | list) else value
+
+
+def _decode(value: Any) -> Any:
+    return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else value
+
+
+def suggest(trial: Any, space: Space) -> tuple[str, dict[str, Any]]:
+    """Ask ``trial`` (an ``optuna.trial.Trial``) for a backend and its parameters, define-by-run.
+
+    Parameters are named ``<backend>.<field>`` so each backend's distributions stay separate.
+    Fixed values are not suggested; they are filled in here.
+    """
+    names = list(space.backends)
+    backend = trial.suggest_categorical("backend", names)
+    params: dict[str, Any] = {}
+    for key, param in space.backends[backend].items():
+        label = f"{backend}.{key}"
+        if isinstance(param, Fixed):
+            params[key] = param.value
+        elif isinstance(param, Choices):
+            params[key] = _decode(trial.suggest_categorical(label, [_encode(v) for v in param.values]))
+        elif param.integer:
+            params[key] = trial.suggest_int(label, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
+        else:
+            params[key] = trial.suggest_float(label, float(param.low), float(param.high), step=param.step, log=param.log)
+    return backend, params
+
+
+def config_for(backend: str, params: dict[str, Any]) -> Any:
+    """Build the backend's validated config from suggested ``params``.
+
+    Raises:
+        ConfigError: when the combination is rejected by the config's own checks.
+    """
+    from sweeper.backends import get_backend
+
+    config_cls = get_backend(backend).Config
+    try:
+        return config_cls.model_validate(params)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"backend '{backend}' rejects {params}: {detail}") from None

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import optuna
+import pytest
+
+from sweeper.errors import ConfigError
+from sweeper.space import Choices, Fixed, Range, config_for, load_space, suggest
+
+BASE = """
+task: digits_cnn
+constraint: {max_drop: 1.0}
+"""
+
+
+def _write(tmp_path: Path, body: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _space(tmp_path: Path, backends: str, extra: str = "") -> Path:
+    return _write(tmp_path, BASE + extra + "backends:\n" + textwrap.indent(textwrap.dedent(backends), "  "))
+
+
+def test_quickstart_parses(root: Path) -> None:
+    space = load_space(root / "search_spaces" / "quickstart.yaml")
+    assert space.task == "digits_cnn" and space.study == "quickstart"
+    assert set(space.backends) == {
+        "onnxruntime_fp32", "onnxruntime_static_int8", "onnxruntime_dynamic_int8", "torch_dynamic_int8",
+    }
+    static = space.backends["onnxruntime_static_int8"]
+    assert static["calibration_method"] == Choices(("minmax", "entropy", "percentile"))
+    assert static["calibration_samples"] == Range(low=16, high=256, log=True, integer=True)
+    assert space.constraint.max_drop == 1.0 and space.hardware.num_cpus == 1
+
+
+def test_param_forms(tmp_path: Path) -> None:
+    path = _space(tmp_path, """
+        onnxruntime_static_int8:
+          per_channel: true
+          calibration_method: {choices: [entropy]}
+          calibration_samples: {low: 8, high: 64, step: 8}
+          nodes_to_exclude: {value: [a, b]}
+    """)
+    params = load_space(path).backends["onnxruntime_static_int8"]
+    assert params["per_channel"] == Fixed(True)
+    assert params["calibration_method"] == Choices(("entropy",))
+    assert params["calibration_samples"] == Range(low=8, high=64, step=8, integer=True)
+    assert params["nodes_to_exclude"] == Fixed(("a", "b"))
+
+
+# (what is wrong, the file's text, words the message must contain)
+BAD_SPACES = [
+    ("yaml syntax", "task: [unclosed\n", ["not valid YAML"]),
+    ("not a mapping", "- a\n- b\n", ["top level must be a mapping"]),
+    ("missing constraint", "task: t\nbackends: {onnxruntime_fp32: {}}\n", ["'constraint'", "required"]),
+    ("unknown top-level key", BASE + "trails: 3\nbackends: {onnxruntime_fp32: {}}\n", ["'trails'", "Did you mean 'trials'", "Allowed keys"]),
+    ("negative max drop", "task: t\nconstraint: {max_drop: -1}\nbackends: {onnxruntime_fp32: {}}\n", ["constraint.max_drop", "greater than or equal to 0"]),
+    ("bad drop mode", "task: t\nconstraint: {max_drop: 1, mode: percent}\nbackends: {onnxruntime_fp32: {}}\n", ["constraint.mode", "'absolute' or 'relative'"]),
+    ("unknown hardware target", BASE + "hardware: {target: tpu}\nbackends: {onnxruntime_fp32: {}}\n", ["hardware.target", "'cpu' or 'gpu'"]),
+    ("no backends", BASE + "backends: {}\n", ["'backends'"]),
+    ("unknown backend", BASE + "backends: {onnxruntime_static_int9: {}}\n", ["unknown backend 'onnxruntime_static_int9'", "Did you mean 'onnxruntime_static_int8'", "Known backends"]),
+    ("unknown parameter", BASE + "backends: {onnxruntime_static_int8: {calibration_metod: [minmax]}}\n", ["calibration_metod", "Did you mean 'calibration_method'", "Its parameters"]),
+    ("bad choice", BASE + "backends: {onnxruntime_static_int8: {calibration_method: [minmax, kl]}}\n", ["calibration_method", "'kl'", "minmax"]),
+    ("wrong type", BASE + "backends: {onnxruntime_static_int8: {per_channel: 'yes'}}\n", ["per_channel", "'yes'", "bool"]),
+    ("empty choices", BASE + "backends: {onnxruntime_static_int8: {calibration_method: {choices: []}}}\n", ["non-empty list"]),
+    ("inverted range", BASE + "backends: {onnxruntime_static_int8: {calibration_samples: {low: 64, high: 8}}}\n", ["low (64) must be smaller than high (8)"]),
+    ("negative sample count", BASE + "backends: {onnxruntime_static_int8: {calibration_samples: {low: -4, high: 8}}}\n", ["calibration_samples.low", "-4"]),
+    ("float for an int range", BASE + "backends: {onnxruntime_static_int8: {calibration_samples: {low: 1.5, high: 8}}}\n", ["must be an integer"]),
+    ("range on a choice field", BASE + "backends: {onnxruntime_static_int8: {calibration_method: {low: 1, high: 2}}}\n", ["a range needs an int or float parameter"]),
+    ("bad param form", BASE + "backends: {onnxruntime_static_int8: {calibration_samples: {min: 1, max: 2}}}\n", ["{low: ..., high: ..."]),
+    ("gpu target without gpus", BASE + "hardware: {target: gpu}\nbackends: {onnxruntime_fp32: {}}\n", ["onnxruntime_fp32", "runs on cpu"]),
+    ("zero trials", BASE + "trials: 0\nbackends: {onnxruntime_fp32: {}}\n", ["'trials'", "greater than or equal to 1"]),
+]
+
+
+@pytest.mark.parametrize("label,text,expected", BAD_SPACES, ids=[c[0] for c in BAD_SPACES])
+def test_bad_spaces_get_one_clear_message(tmp_path: Path, label: str, text: str, expected: list[str]) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert str(path) in message or "unknown backend" in message, message
+    for words in expected:
+        assert words in message, f"{label}: {words!r} not in {message!r}"
+    assert "\n" not in message.strip()
+
+
+def test_missing_space_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "missing.yaml")
+
+
+def test_suggest_is_define_by_run_and_yields_valid_configs(root: Path) -> None:
+    space = load_space(root / "search_spaces" / "quickstart.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(40):
+        trial = study.ask()
+        backend, params = suggest(trial, space)
+        seen.add(backend)
+        assert all(name == "backend" or name.startswith(f"{backend}.") for name in trial.params)
+        config = config_for(backend, params)
+        assert config.model_dump(include=set(params)) == params
+        if backend == "onnxruntime_static_int8":
+            assert 16 <= params["calibration_samples"] <= 256
+        study.tell(trial, 1.0)
+    assert seen == set(space.backends)
+
+
+def test_list_valued_choices_round_trip_through_optuna(tmp_path: Path) -> None:
+    path = _space(tmp_path, """
+        onnxruntime_static_int8:
+          nodes_to_exclude: {choices: [[], [a], [a, b]]}
+    """)
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    values = set()
+    for _ in range(20):
+        trial = study.ask()
+        _, params = suggest(trial, space)
+        values.add(params["nodes_to_exclude"])
+        study.tell(trial, 0.0)
+    assert values == {(), ("a",), ("a", "b")}
