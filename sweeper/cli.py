@@ -1,0 +1,208 @@
+"""The ``sweeper`` command line: run a sweep, list backends, show a study."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sweeper.errors import SweeperInputError
+
+app = typer.Typer(
+    help="Find the fastest deployable form of a trained model within an accuracy budget.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+INPUT_ERROR = 2
+
+
+def _fail(exc: BaseException, debug: bool) -> typer.Exit:
+    if debug:
+        err_console.print(traceback.format_exc())
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(INPUT_ERROR)
+
+
+@app.command()
+def run(
+    space_file: Annotated[Path, typer.Argument(help="search space YAML file", metavar="SPACE")],
+    task: Annotated[str | None, typer.Option(help="task name or .py file (overrides the space's)")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="trials to run in total (overrides the space's)")] = None,
+    out: Annotated[Path, typer.Option(help="results folder; the study goes in OUT/STUDY")] = Path("results"),
+    study: Annotated[str | None, typer.Option(help="study name (default: the space's, else its file name)")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials in flight at once")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', 'ray://host:10001'); default: embedded local Ray")] = None,
+    resume: Annotated[bool, typer.Option(help="continue an existing study")] = False,
+    seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
+    debug: Annotated[bool, typer.Option(help="show tracebacks and Ray worker logs")] = False,
+) -> None:
+    """Run a sweep: Optuna proposes configurations, Ray tasks build and measure them."""
+    from sweeper.space import load_space
+    from sweeper.study import SweepOptions, run_sweep
+
+    try:
+        space = load_space(space_file)
+        options = SweepOptions(
+            out=out, study=study, task=task, trials=trials, max_concurrent=max_concurrent,
+            seed=seed, address=address, resume=resume, debug=debug,
+        )
+        with _SweepProgress(space.objective) as progress:
+            summary = run_sweep(space, options, progress.on_event)
+    except SweeperInputError as exc:
+        raise _fail(exc, debug) from None
+    from sweeper import results
+
+    df = results.load(summary.study_dir)
+    console.print(f"Study folder: {summary.study_dir}  (wall time {summary.wall_time_s:.1f} s)")
+    _print_summary(df, space.objective)
+
+
+@app.command()
+def backends() -> None:
+    """List every backend and whether it can run here."""
+    from sweeper.backends import BACKENDS, availability, get_backend
+
+    table = Table(title="Backends")
+    for col in ("backend", "hardware", "available", "parameters"):
+        table.add_column(col)
+    for name, reason in availability().items():
+        try:
+            backend = get_backend(name)
+            hardware = ", ".join(sorted(backend.hardware))
+            params = ", ".join(backend.Config.model_fields)
+        except ImportError:
+            hardware = params = "?"
+        table.add_row(name, hardware, "yes" if reason is None else f"no: {reason}", params)
+    console.print(table)
+    console.print(f"{len(BACKENDS)} backends registered")
+
+
+@app.command()
+def show(
+    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY) or a results folder")],
+    objective: Annotated[str, typer.Option(help="column to rank feasible trials by")] = "latency_ms_p50",
+) -> None:
+    """Summarise a finished study from its Parquet rows."""
+    from sweeper import results
+
+    try:
+        df = results.load(study_dir)
+    except FileNotFoundError as exc:
+        raise _fail(exc, False) from None
+    if df.empty:
+        raise _fail(SweeperInputError(f"'{study_dir}' holds no trial rows"), False)
+    if objective not in df.columns:
+        raise _fail(SweeperInputError(f"unknown column '{objective}'; try latency_ms_p50 or size_bytes"), False)
+    console.print(f"{df['study'].nunique()} study(ies), {len(df)} rows: {', '.join(sorted(df['study'].unique()))}")
+    _print_summary(df, objective)
+
+
+def _print_summary(df: Any, objective: str) -> None:
+    from sweeper.analysis import best_feasible, closest_infeasible, state_counts
+
+    counts = state_counts(df)
+    console.print(
+        f"Trials: {len(df)}  complete {counts['complete']}  failed {counts['failed']}  pruned {counts['pruned']}"
+    )
+    best = best_feasible(df, objective)
+    if best.empty:
+        max_drop = df["max_drop"].dropna().iloc[0] if df["max_drop"].notna().any() else float("nan")
+        console.print(f"[bold yellow]No configuration met max drop {max_drop:g}.[/]")
+        close = closest_infeasible(df)
+        if not close.empty:
+            console.print("Closest:")
+            console.print(_trials_table(close))
+        return
+    top = best.iloc[0]
+    console.print(
+        f"[bold green]Best feasible:[/] trial {top.trial_number} {top.backend}: "
+        f"{top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x vs FP32 PyTorch, "
+        f"accuracy drop {top.accuracy_drop:.2f} ({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}), "
+        f"size {top.size_bytes / 1e3:.1f} kB"
+    )
+    console.print(f"  config: {top.params_json}")
+    console.print(_trials_table(best, title="Best feasible trials"))
+
+
+def _trials_table(df: Any, title: str | None = None) -> Table:
+    table = Table(title=title)
+    for col in ("trial", "backend", "p50 ms", "speedup", "drop", "agreement %", "size kB", "params"):
+        table.add_column(col)
+    for r in df.itertuples():
+        params = json.loads(r.params_json) if r.params_json else {}
+        short = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("opset", "exporter"))
+        table.add_row(
+            str(r.trial_number), r.backend, f"{r.latency_ms_p50:.3f}", f"{r.speedup:.2f}x",
+            f"{r.accuracy_drop:.2f}", f"{r.agreement:.1f}", f"{r.size_bytes / 1e3:.1f}", short,
+        )
+    return table
+
+
+class _SweepProgress:
+    """A live progress bar: trials done / running / failed and the best feasible latency so far."""
+
+    def __init__(self, objective: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.objective = objective
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.task_id: Any = None
+        self.running = self.failed = self.complete = 0
+        self.best: float | None = None
+        self.best_desc = "none yet"
+
+    def __enter__(self) -> _SweepProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "start":
+            console.print(
+                f"Study '{data['study']}' in {data['study_dir']}: FP32 metric {data['accuracy_fp32']:.2f}, "
+                f"{data['done']} trials already done, {data['trials']} to run, {data['max_concurrent']} at a time"
+            )
+            self.task_id = self.progress.add_task(data["study"], total=data["trials"], status="")
+        elif kind == "started":
+            self.running += 1
+        elif kind == "finished":
+            self.running = max(0, self.running - 1)
+            if data["state"] == "complete":
+                self.complete += 1
+                value = data.get(self.objective)
+                if data.get("feasible") and value is not None and (self.best is None or value < self.best):
+                    self.best = value
+                    self.best_desc = f"{value:.3f} ({data['backend']}, trial {data['trial_number']})"
+            else:
+                self.failed += 1
+            if self.task_id is not None:
+                self.progress.advance(self.task_id)
+        if self.task_id is not None:
+            self.progress.update(
+                self.task_id,
+                status=f"running {self.running}  failed {self.failed}  best feasible {self.objective}: {self.best_desc}",
+            )
+
+
+def main() -> None:
+    """Entry point of the ``sweeper`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

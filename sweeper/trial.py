@@ -1,0 +1,194 @@
+"""One trial, as it runs inside a Ray task: build a candidate, then measure it honestly.
+
+Nothing here talks to Optuna. The FP32 model, its evaluation outputs and the evaluation data are
+prepared once per worker process and reused by every trial that process runs.
+"""
+
+from __future__ import annotations
+
+import platform
+import socket
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sweeper.spec import Environment, MeasureSettings, TaskRef, TrialResult, TrialSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from sweeper.task import Task
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The FP32 model of a task and what it gives on the evaluation split."""
+
+    task: Task
+    model: torch.nn.Module
+    outputs: np.ndarray
+    labels: np.ndarray
+    metric: float
+    size_bytes: int
+
+
+def evaluate(predict: Any, task: Task, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``predict`` over the task's evaluation split; return (outputs, labels)."""
+    outputs, labels = [], []
+    for batch, y in task.eval_batches(batch_size):
+        outputs.append(np.asarray(predict(batch), dtype=np.float32))
+        labels.append(y)
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+@cache
+def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
+    """Load the task and evaluate its FP32 model (once per process and task)."""
+    import io
+
+    import torch
+
+    from sweeper.backends._torch import TorchCandidate
+    from sweeper.task import load_task
+
+    task = load_task(task_ref.path, task_ref.attr)
+    model = task.build_model().eval()
+    fp32 = TorchCandidate(model, task.input_names, torch.get_num_threads())
+    outputs, labels = evaluate(fp32.predict, task, eval_batch_size)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return Baseline(
+        task=task,
+        model=model,
+        outputs=outputs,
+        labels=labels,
+        metric=task.metric(outputs, labels),
+        size_bytes=buffer.getbuffer().nbytes,
+    )
+
+
+def baseline_summary(task_ref: TaskRef, measure: MeasureSettings, num_threads: int) -> dict[str, Any]:
+    """The FP32 figures a study needs once: metric, its direction, and the state dict's size."""
+    _set_threads(num_threads)
+    baseline = prepare_baseline(task_ref, measure.eval_batch_size)
+    return {
+        "metric": baseline.metric,
+        "metric_name": baseline.task.metric_name,
+        "higher_is_better": baseline.task.higher_is_better,
+        "size_bytes": baseline.size_bytes,
+        "calibration_size": baseline.task.calibration_size,
+        "eval_samples": int(baseline.labels.shape[0]),
+        "environment": environment(),
+    }
+
+
+def run_trial(spec: TrialSpec) -> TrialResult:
+    """Build and measure one candidate. Never raises: a failure is a ``failed`` result."""
+    started = time.time()
+    measured: dict[str, Any] = {"num_threads": spec.num_threads, "batch_size": spec.measure.batch_size}
+    try:
+        _set_threads(spec.num_threads)
+        measured["environment"] = environment()
+        _build_and_measure(spec, measured)
+    except Exception as exc:  # the trial failed; the sweep goes on and the row records why
+        tb = traceback.format_exc(limit=-6)
+        return TrialResult(
+            state="failed",
+            started_at=started,
+            finished_at=time.time(),
+            error=f"{type(exc).__name__}: {exc}\n{tb}",
+            **measured,
+        )
+    return TrialResult(state="complete", started_at=started, finished_at=time.time(), **measured)
+
+
+def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> None:
+    from sweeper.backends import BuildContext, get_backend
+    from sweeper.backends._torch import TorchCandidate
+    from sweeper.cache import cache_dir
+    from sweeper.measure import agreement_pct, max_abs_error, time_interleaved
+    from sweeper.space import config_for
+
+    baseline = prepare_baseline(spec.task, spec.measure.eval_batch_size)
+    task = baseline.task
+    measured["baseline_size_bytes"] = baseline.size_bytes
+    backend = get_backend(spec.backend)
+    config = config_for(spec.backend, spec.params)
+    with tempfile.TemporaryDirectory(prefix=f"sweeper-trial-{spec.trial_number}-") as workdir:
+        ctx = BuildContext(
+            model=baseline.model,
+            task=task,
+            workdir=Path(workdir),
+            cache_dir=cache_dir("models"),
+            num_threads=spec.num_threads,
+        )
+        candidate = backend.build(ctx, config)
+        artifact = candidate.save(Path(spec.artifact_dir))
+        measured["artifact_path"] = str(artifact)
+        measured["size_bytes"] = candidate.size_bytes()
+
+        outputs, _ = evaluate(candidate.predict, task, spec.measure.eval_batch_size)
+        measured["accuracy"] = task.metric(outputs, baseline.labels)
+        measured["agreement"] = agreement_pct(baseline.outputs, outputs)
+        measured["output_max_abs_error"] = max_abs_error(baseline.outputs, outputs)
+
+        example = task.example_inputs(spec.measure.batch_size)
+        fp32 = TorchCandidate(baseline.model, task.input_names, spec.num_threads)
+        base_stats, cand_stats = time_interleaved(
+            lambda: fp32.predict(example),
+            lambda: candidate.predict(example),
+            spec.measure,
+        )
+        measured["latency"] = cand_stats
+        measured["baseline_latency"] = base_stats
+
+
+def _set_threads(num_threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(num_threads)
+
+
+@cache
+def environment() -> Environment:
+    """Describe this process's node, hardware and library versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for dist in ("torch", "onnxruntime", "optuna", "ray", "sweeper"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = ""
+    node_id = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # outside a Ray worker the node id stays empty
+        node_id = ""
+    return Environment(
+        node_id=node_id,
+        hostname=socket.gethostname(),
+        cpu_model=cpu_model(),
+        device="cpu",
+        versions=versions,
+    )
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
