@@ -6,7 +6,8 @@ A space file is YAML::
     trials: 20
     objective: latency_ms_p50          # minimised
     constraint: {max_drop: 1.0, mode: absolute}
-    hardware: {target: cpu, num_cpus: 1}
+    hardware: {kind: cpu, num_cpus: 1}      # or several named targets under 'targets'
+    trial_timeout_s: 600                   # a trial still running then is cancelled
     backends:
       onnxruntime_fp32: {}                          # every field at its default
       onnxruntime_static_int8:
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from sweeper.errors import ConfigError, did_you_mean
 
@@ -44,10 +45,41 @@ class ConstraintSpec(_Strict):
     mode: Literal["absolute", "relative"] = "absolute"
 
 
-class HardwareSpec(_Strict):
-    target: Literal["cpu", "gpu"] = "cpu"
+class TargetSpec(_Strict):
+    """A kind of node trials run on, and what each trial reserves there.
+
+    ``num_cpus`` is also the number of threads a trial uses, so latency is measured with the
+    cores its Ray task holds. ``resources`` are Ray custom resources a node must offer;
+    ``labels`` are Ray node labels it must carry (a label selector).
+    """
+
+    kind: Literal["cpu", "gpu"] = Field(default="cpu", validation_alias=AliasChoices("kind", "target"))
     num_cpus: int = Field(default=1, ge=1)
     num_gpus: float = Field(default=0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _gpus_for_gpu_kind(self) -> TargetSpec:
+        if self.kind == "gpu" and self.num_gpus <= 0:
+            raise ValueError("a target of kind 'gpu' needs num_gpus > 0")
+        if self.kind == "cpu" and self.num_gpus > 0:
+            raise ValueError("a target of kind 'cpu' reserves no GPU: set num_gpus to 0 or kind to 'gpu'")
+        for name, amount in self.resources.items():
+            if amount <= 0:
+                raise ValueError(f"resource '{name}' must be a positive amount, got {amount}")
+        return self
+
+    def ray_options(self) -> dict[str, Any]:
+        """The Ray task options that place a trial on this target."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.labels:
+            options["label_selector"] = dict(self.labels)
+        return options
 
 
 class MeasureSpec(_Strict):
@@ -68,7 +100,9 @@ class SpaceFile(_Strict):
     seed: int | None = None
     objective: Objective = "latency_ms_p50"
     constraint: ConstraintSpec
-    hardware: HardwareSpec = HardwareSpec()
+    hardware: TargetSpec | None = None
+    targets: dict[str, TargetSpec] | None = None
+    trial_timeout_s: float | None = Field(default=None, gt=0)
     measure: MeasureSpec = MeasureSpec()
     backends: dict[str, dict[str, Any] | None] = Field(min_length=1)
 
@@ -107,9 +141,15 @@ class Space:
     seed: int | None
     objective: Objective
     constraint: ConstraintSpec
-    hardware: HardwareSpec
+    targets: dict[str, TargetSpec]
+    trial_timeout_s: float | None
     measure: MeasureSpec
     backends: dict[str, dict[str, Param]]
+    backend_targets: dict[str, str]
+
+    def target_of(self, backend: str) -> TargetSpec:
+        """The target the backend's trials run on."""
+        return self.targets[self.backend_targets[backend]]
 
 
 def load_space(path: str | Path) -> Space:
@@ -134,18 +174,18 @@ def load_space(path: str | Path) -> Space:
         spec = SpaceFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(path, exc, SpaceFile)) from None
-    backends = {name: _parse_backend(path, name, params or {}) for name, params in spec.backends.items()}
-    for name in backends:
-        from sweeper.backends import get_backend
-
-        hardware = get_backend(name).hardware
-        if spec.hardware.target not in hardware:
-            raise ConfigError(
-                f"{path}: backends.{name}: runs on {', '.join(sorted(hardware))}, but hardware.target "
-                f"is '{spec.hardware.target}'; remove the backend or change the target"
-            )
-    if spec.hardware.target == "gpu" and spec.hardware.num_gpus <= 0:
-        raise ConfigError(f"{path}: hardware.num_gpus must be > 0 when hardware.target is 'gpu'")
+    if spec.hardware is not None and spec.targets is not None:
+        raise ConfigError(f"{path}: give either 'hardware' (one target) or 'targets' (several), not both")
+    targets = spec.targets if spec.targets is not None else {"default": spec.hardware or TargetSpec()}
+    if not targets:
+        raise ConfigError(f"{path}: key 'targets' must name at least one target")
+    backends: dict[str, dict[str, Param]] = {}
+    backend_targets: dict[str, str] = {}
+    for name, raw_params in spec.backends.items():
+        params = dict(raw_params or {})
+        wanted = params.pop("target", None)
+        backends[name] = _parse_backend(path, name, params)
+        backend_targets[name] = _pick_target(path, name, wanted, targets)
     return Space(
         path=path,
         task=spec.task,
@@ -155,9 +195,39 @@ def load_space(path: str | Path) -> Space:
         seed=spec.seed,
         objective=spec.objective,
         constraint=spec.constraint,
-        hardware=spec.hardware,
+        targets=dict(targets),
+        trial_timeout_s=spec.trial_timeout_s,
         measure=spec.measure,
         backends=backends,
+        backend_targets=backend_targets,
+    )
+
+
+def _pick_target(path: Path, backend: str, wanted: Any, targets: dict[str, TargetSpec]) -> str:
+    """The target a backend runs on: the one its block names, else the first of a kind it supports."""
+    from sweeper.backends import get_backend
+
+    hardware = get_backend(backend).hardware
+    if wanted is not None:
+        if wanted not in targets:
+            raise ConfigError(
+                f"{path}: key 'backends.{backend}.target': unknown target {wanted!r}.{did_you_mean(str(wanted), targets)} "
+                f"Targets: {', '.join(targets)}"
+            )
+        if targets[wanted].kind not in hardware:
+            raise ConfigError(
+                f"{path}: key 'backends.{backend}.target': '{backend}' runs on {', '.join(sorted(hardware))}, "
+                f"but target '{wanted}' is of kind '{targets[wanted].kind}'"
+            )
+        return str(wanted)
+    for name, target in targets.items():
+        if target.kind in hardware:
+            return name
+    kinds = ", ".join(sorted({t.kind for t in targets.values()}))
+    raise ConfigError(
+        f"{path}: key 'backends.{backend}': '{backend}' runs on {', '.join(sorted(hardware))}, but the space "
+        f"declares only targets of kind {kinds}; add a target of kind {' or '.join(sorted(hardware))} "
+        "or remove the backend"
     )
 
 

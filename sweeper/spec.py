@@ -50,7 +50,8 @@ class TrialSpec:
     measure: MeasureSettings
     num_threads: int
     artifact_dir: str
-    attempt: int = 1
+    target: str = "default"
+    device: str = "cpu"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,4 +96,5 @@ class TrialResult:
     num_threads: int | None = None
     batch_size: int | None = None
     artifact_path: str | None = None
+    attempt: int = 1
     error: str | None = None

@@ -105,7 +105,7 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     remaining = max(0, n_trials - done)
     max_concurrent = options.max_concurrent or space.max_concurrent
     if max_concurrent is None:
-        max_concurrent = max(1, cluster_cpus() // space.hardware.num_cpus)
+        max_concurrent = max(1, cluster_cpus() // min(t.num_cpus for t in space.targets.values()))
     emit("start", {"study": study_name, "study_dir": str(study_dir), "trials": remaining, "done": done,
                    "max_concurrent": max_concurrent, "accuracy_fp32": info["baseline"]["metric"]})
     written = _loop(study, ctx, remaining, max_concurrent)
@@ -121,7 +121,8 @@ class _Context:
     info: dict[str, Any]
     emit: EventHandler
 
-    def spec(self, trial_number: int, backend: str, params: dict[str, Any], attempt: int = 1) -> TrialSpec:
+    def spec(self, trial_number: int, backend: str, params: dict[str, Any]) -> TrialSpec:
+        target = self.space.backend_targets.get(backend, next(iter(self.space.targets)))
         return TrialSpec(
             study=self.study_name,
             trial_number=trial_number,
@@ -129,9 +130,10 @@ class _Context:
             backend=backend,
             params=params,
             measure=MeasureSettings(**self.space.measure.model_dump()),
-            num_threads=self.space.hardware.num_cpus,
+            num_threads=self.space.targets[target].num_cpus,
             artifact_dir=str(self.study_dir / "artifacts" / f"trial-{trial_number:06d}"),
-            attempt=attempt,
+            target=target,
+            device="cuda" if self.space.targets[target].kind == "gpu" else "cpu",
         )
 
     def record(self, study: Any, trial: Any, spec: TrialSpec, result: TrialResult) -> dict[str, Any]:
@@ -150,21 +152,13 @@ class _Context:
 
 
 def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int) -> int:
-    import ray
+    from sweeper.dispatch import Dispatcher
 
-    from sweeper.trial import run_trial
-
-    remote = ray.remote(run_trial).options(
-        num_cpus=ctx.space.hardware.num_cpus,
-        num_gpus=ctx.space.hardware.num_gpus or None,
-        max_retries=2,
-        retry_exceptions=False,
-    )
-    inflight: dict[Any, tuple[Any, TrialSpec]] = {}
+    dispatcher = Dispatcher(ctx.space, max_concurrent)
     asked = written = 0
     try:
-        while asked < remaining or inflight:
-            while asked < remaining and len(inflight) < max_concurrent:
+        while asked < remaining or len(dispatcher):
+            while asked < remaining and dispatcher.has_room():
                 trial = study.ask()
                 asked += 1
                 backend, params = suggest(trial, ctx.space)
@@ -175,22 +169,15 @@ def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int) -> int
                     ctx.record(study, trial, spec, failed_result(str(exc)))
                     written += 1
                     continue
-                inflight[remote.remote(spec)] = (trial, spec)
+                dispatcher.submit(spec, trial)
                 ctx.emit("started", {"trial_number": trial.number, "backend": backend, "params": params})
-            if not inflight:
+            if not len(dispatcher):
                 continue
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                trial, spec = inflight.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as exc:
-                    result = failed_result(f"the Ray task failed after retries: {type(exc).__name__}: {exc}")
+            for trial, spec, result in dispatcher.wait():
                 ctx.record(study, trial, spec, result)
                 written += 1
     except BaseException:
-        for ref in inflight:
-            ray.cancel(ref, force=True)
+        dispatcher.cancel_all()
         raise
     return written
 
@@ -271,10 +258,11 @@ def _study_info(study_dir: Path, space: Space, task_ref: TaskRef, options: Sweep
     from sweeper.errors import TaskError
     from sweeper.trial import baseline_summary
 
-    remote = ray.remote(baseline_summary).options(num_cpus=space.hardware.num_cpus, max_retries=1)
+    target = space.targets[space.backend_targets[next(iter(space.backends))]]
+    remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
     measure = MeasureSettings(**space.measure.model_dump())
     try:
-        baseline = ray.get(remote.remote(task_ref, measure, space.hardware.num_cpus))
+        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, Exception) else exc
         if isinstance(cause, SweeperInputError):

@@ -6,6 +6,7 @@ prepared once per worker process and reused by every trial that process runs.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import socket
 import tempfile
@@ -94,7 +95,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     measured: dict[str, Any] = {"num_threads": spec.num_threads, "batch_size": spec.measure.batch_size}
     try:
         _set_threads(spec.num_threads)
-        measured["environment"] = environment()
+        measured["environment"] = dataclasses.replace(environment(), device=spec.device)
         _build_and_measure(spec, measured)
     except Exception as exc:  # the trial failed; the sweep goes on and the row records why
         tb = traceback.format_exc(limit=-6)
@@ -127,6 +128,7 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> None:
             workdir=Path(workdir),
             cache_dir=cache_dir("models"),
             num_threads=spec.num_threads,
+            device=spec.device,
         )
         candidate = backend.build(ctx, config)
         artifact = candidate.save(Path(spec.artifact_dir))

@@ -34,7 +34,7 @@ def test_quickstart_parses(root: Path) -> None:
     static = space.backends["onnxruntime_static_int8"]
     assert static["calibration_method"] == Choices(("minmax", "entropy", "percentile"))
     assert static["calibration_samples"] == Range(low=16, high=256, log=True, integer=True)
-    assert space.constraint.max_drop == 1.0 and space.hardware.num_cpus == 1
+    assert space.constraint.max_drop == 1.0 and space.target_of("onnxruntime_fp32").num_cpus == 1
 
 
 def test_param_forms(tmp_path: Path) -> None:
@@ -72,7 +72,12 @@ BAD_SPACES = [
     ("float for an int range", BASE + "backends: {onnxruntime_static_int8: {calibration_samples: {low: 1.5, high: 8}}}\n", ["must be an integer"]),
     ("range on a choice field", BASE + "backends: {onnxruntime_static_int8: {calibration_method: {low: 1, high: 2}}}\n", ["a range needs an int or float parameter"]),
     ("bad param form", BASE + "backends: {onnxruntime_static_int8: {calibration_samples: {min: 1, max: 2}}}\n", ["{low: ..., high: ..."]),
-    ("gpu target without gpus", BASE + "hardware: {target: gpu}\nbackends: {onnxruntime_fp32: {}}\n", ["onnxruntime_fp32", "runs on cpu"]),
+    ("gpu target without gpus", BASE + "hardware: {target: gpu}\nbackends: {onnxruntime_fp32: {}}\n", ["'hardware'", "needs num_gpus > 0"]),
+    ("cpu backend with only gpu targets", BASE + "targets: {g: {kind: gpu, num_gpus: 1}}\nbackends: {onnxruntime_fp32: {}}\n", ["'backends.onnxruntime_fp32'", "runs on cpu", "only targets of kind gpu"]),
+    ("unknown target name", BASE + "targets: {cpu_server: {}}\nbackends: {onnxruntime_fp32: {target: cpu_sever}}\n", ["unknown target 'cpu_sever'", "Did you mean 'cpu_server'"]),
+    ("hardware and targets", BASE + "hardware: {}\ntargets: {a: {}}\nbackends: {onnxruntime_fp32: {}}\n", ["either 'hardware'", "not both"]),
+    ("negative resource", BASE + "hardware: {resources: {fast: -1}}\nbackends: {onnxruntime_fp32: {}}\n", ["resource 'fast' must be a positive amount"]),
+    ("zero timeout", BASE + "trial_timeout_s: 0\nbackends: {onnxruntime_fp32: {}}\n", ["'trial_timeout_s'", "greater than 0"]),
     ("zero trials", BASE + "trials: 0\nbackends: {onnxruntime_fp32: {}}\n", ["'trials'", "greater than or equal to 1"]),
 ]
 
@@ -87,6 +92,17 @@ def test_bad_spaces_get_one_clear_message(tmp_path: Path, label: str, text: str,
     for words in expected:
         assert words in message, f"{label}: {words!r} not in {message!r}"
     assert "\n" not in message.strip()
+
+
+def test_targets_and_ray_options(tmp_path: Path) -> None:
+    path = _space(tmp_path, """
+        onnxruntime_fp32: {target: big}
+        torch_dynamic_int8: {}
+    """, extra="targets:\n  small: {num_cpus: 1, resources: {small_node: 1}}\n  big: {num_cpus: 2, labels: {tier: big}}\n")
+    space = load_space(path)
+    assert space.backend_targets == {"onnxruntime_fp32": "big", "torch_dynamic_int8": "small"}
+    assert space.target_of("onnxruntime_fp32").ray_options() == {"num_cpus": 2, "label_selector": {"tier": "big"}}
+    assert space.target_of("torch_dynamic_int8").ray_options() == {"num_cpus": 1, "resources": {"small_node": 1.0}}
 
 
 def test_missing_space_file(tmp_path: Path) -> None:
