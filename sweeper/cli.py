@@ -23,7 +23,10 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+# Exit codes: 0 a feasible configuration was found; 2 bad input (nothing started);
+# 3 the sweep finished but no configuration met the constraint (every row is kept).
 INPUT_ERROR = 2
+NOTHING_FEASIBLE = 3
 
 
 def _fail(exc: BaseException, debug: bool) -> typer.Exit:
@@ -64,7 +67,8 @@ def run(
 
     df = results.load(summary.study_dir)
     console.print(f"Study folder: {summary.study_dir}  (wall time {summary.wall_time_s:.1f} s)")
-    _print_summary(df, space.objective)
+    if not _print_summary(df, space.objective):
+        raise typer.Exit(NOTHING_FEASIBLE)
 
 
 @app.command()
@@ -107,7 +111,8 @@ def show(
     _print_summary(df, objective)
 
 
-def _print_summary(df: Any, objective: str) -> None:
+def _print_summary(df: Any, objective: str) -> bool:
+    """Print the verdict and the best trials; return whether any trial is feasible."""
     from sweeper.analysis import best_feasible, closest_infeasible, state_counts
 
     counts = state_counts(df)
@@ -117,12 +122,18 @@ def _print_summary(df: Any, objective: str) -> None:
     best = best_feasible(df, objective)
     if best.empty:
         max_drop = df["max_drop"].dropna().iloc[0] if df["max_drop"].notna().any() else float("nan")
-        console.print(f"[bold yellow]No configuration met max drop {max_drop:g}.[/]")
         close = closest_infeasible(df)
-        if not close.empty:
-            console.print("Closest:")
-            console.print(_trials_table(close))
-        return
+        verdict = f"No configuration met max drop {max_drop:g}"
+        if close.empty:
+            console.print(f"[bold yellow]{verdict}; no trial completed.[/]")
+        else:
+            c = close.iloc[0]
+            console.print(
+                f"[bold yellow]{verdict}; closest: trial {c.trial_number} {c.backend} with drop "
+                f"{c.accuracy_drop:.2f} at {c.latency_ms_p50:.3f} ms p50.[/]"
+            )
+            console.print(_trials_table(close, title="Closest trials"))
+        return False
     top = best.iloc[0]
     console.print(
         f"[bold green]Best feasible:[/] trial {top.trial_number} {top.backend}: "
@@ -132,6 +143,7 @@ def _print_summary(df: Any, objective: str) -> None:
     )
     console.print(f"  config: {top.params_json}")
     console.print(_trials_table(best, title="Best feasible trials"))
+    return True
 
 
 def _trials_table(df: Any, title: str | None = None) -> Table:
@@ -198,6 +210,49 @@ class _SweepProgress:
                 status=f"running {self.running}  failed {self.failed}  best feasible {self.objective}: {self.best_desc}",
             )
 
+
+@app.command()
+def report(
+    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY), or a results folder: one report per study")],
+    out: Annotated[Path | None, typer.Option(help="where to write (default: STUDY/report)")] = None,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Write a self-contained HTML report (tables and plots) and a Markdown summary of a study."""
+    from sweeper import results
+    from sweeper.report import write_report
+
+    try:
+        studies = results.study_dirs(study_dir)
+        if not studies:
+            raise SweeperInputError(f"'{study_dir}' holds no study (no trials/ folder in it or below it)")
+        if out is not None and len(studies) > 1:
+            raise SweeperInputError(f"'{study_dir}' holds {len(studies)} studies; --out works with one study folder")
+        for one in studies:
+            written = write_report(one, out)
+            console.print(f"Report: {written.html}  (Markdown: {written.markdown.name}, {len(written.images)} plots)")
+    except (SweeperInputError, FileNotFoundError, ValueError) as exc:
+        raise _fail(exc, debug) from None
+
+
+@app.command()
+def export(
+    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY)")],
+    to: Annotated[Path, typer.Option(help="folder to write the model, config.json, space.yaml and load_model.py into")],
+    trial: Annotated[int | None, typer.Option(help="trial number to export")] = None,
+    best: Annotated[bool, typer.Option(help="export the best feasible trial")] = False,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Export a trial's model with a config that reproduces it and a loader snippet."""
+    from sweeper.export import export_trial
+
+    try:
+        written = export_trial(study_dir, to, trial=trial, best=best)
+    except (SweeperInputError, FileNotFoundError) as exc:
+        raise _fail(exc, debug) from None
+    console.print(
+        f"Exported trial {written.trial_number} to {written.directory}: {written.artifact.name}, "
+        f"config.json, space.yaml, load_model.py (run: python {written.loader})"
+    )
 
 def main() -> None:
     """Entry point of the ``sweeper`` console script."""

@@ -1,7 +1,7 @@
 """Running trials as Ray tasks: placement on targets, concurrency, timeouts and attempts.
 
 Each trial's Ray task asks for its target's resources (CPUs, GPUs, custom resources, node labels).
-Ray retries a task whose worker or node died; an :class:`AttemptLedger` actor on the driver's node
+Ray retries a task whose worker or node died; an :class:`AttemptLedger` actor on the head node
 counts the attempts so that the row can say how many it took. A trial still running after the
 space's ``trial_timeout_s`` is cancelled and recorded as failed.
 """
@@ -22,7 +22,7 @@ SYSTEM_RETRIES = 2
 
 
 class AttemptLedger:
-    """Counts the attempts of each trial (a Ray actor on the driver's node)."""
+    """Counts the attempts of each trial (a Ray actor on the head node)."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, list[str]] = {}
@@ -39,7 +39,10 @@ def run_trial_with_ledger(spec: TrialSpec, ledger: Any) -> TrialResult:
     from sweeper.trial import run_trial
 
     key = f"{spec.study}/{spec.trial_number}"
-    attempt = ray.get(ledger.begin.remote(key, ray.get_runtime_context().get_node_id()))
+    try:
+        attempt = ray.get(ledger.begin.remote(key, ray.get_runtime_context().get_node_id()), timeout=60)
+    except (ray.exceptions.RayError, TimeoutError):  # the count is lost, the trial is not
+        attempt = None
     return dataclasses.replace(run_trial(spec), attempt=attempt)
 
 
@@ -55,14 +58,13 @@ class Dispatcher:
 
     def __init__(self, space: Space, max_concurrent: int) -> None:
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.space = space
         self.max_concurrent = max_concurrent
-        here = ray.get_runtime_context().get_node_id()
+        # On the head node, which lives as long as the cluster; restarted should that fail anyway.
         self.ledger = (
             ray.remote(AttemptLedger)
-            .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
+            .options(num_cpus=0, resources={"node:__internal_head__": 0.001}, max_restarts=-1)
             .remote()
         )
         self._task = ray.remote(run_trial_with_ledger)

@@ -96,5 +96,5 @@ class TrialResult:
     num_threads: int | None = None
     batch_size: int | None = None
     artifact_path: str | None = None
-    attempt: int = 1
+    attempt: int | None = 1
     error: str | None = None

@@ -67,13 +67,14 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     study_name = options.study or space.study
     task_name = options.task or space.task
     task_path = find_task_file(task_name, task_search_dirs(space, options.task_dirs))
-    task_ref = TaskRef(name=task_path.stem, path=str(task_path))
+    # On an existing cluster the task's folder is the workers' working directory (see cluster.py).
+    task_ref = TaskRef(name=task_path.stem, path=task_path.name if options.address else str(task_path))
     study_dir = _prepare_study_dir(options.out, study_name, options.resume)
     created = not options.resume
     try:
-        from sweeper.cluster import cluster_cpus, connect
+        from sweeper.cluster import cluster_cpus, connect, runtime_env
 
-        connect(options.address, debug=options.debug)
+        connect(options.address, env=runtime_env(task_path.parent) if options.address else None, debug=options.debug)
         info = _study_info(study_dir, space, task_ref, options)
         _check_against_task(space, info)
     except SweeperInputError:

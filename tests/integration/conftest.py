@@ -16,16 +16,16 @@ measure:
 """
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local() -> Iterator[None]:
-    """A real local Ray instance (2 CPUs) shared by the integration tests."""
-    import ray
+    """A real local Ray instance (2 CPUs), started once and shared by the tests that use it.
 
+    Multi-node tests shut it down to connect to their own cluster; the next test starts it again.
+    """
     from sweeper.cluster import connect
 
     connect(num_cpus=2)
     yield
-    ray.shutdown()
 
 
 @pytest.fixture

@@ -1,0 +1,145 @@
+"""Sweeps on a real multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sweeper import results
+from sweeper.space import load_space
+from sweeper.study import SweepOptions, run_sweep
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cluster() -> Iterator:
+    """A head node (the driver's; runs no trial) plus whatever worker nodes the test adds."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the cluster's driver connection replaces any local instance of this process
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_trials_land_on_the_nodes_of_their_targets(cluster, write_space, tmp_path: Path) -> None:
+    small = cluster.add_node(num_cpus=1, resources={"small_node": 1})
+    large = cluster.add_node(num_cpus=1, resources={"large_node": 1}, labels={"tier": "large"})
+    space = load_space(write_space("""
+        task: digits_cnn
+        trials: 6
+        seed: 0
+        max_concurrent: 2
+        constraint: {max_drop: 1.0}
+        targets:
+          small: {kind: cpu, num_cpus: 1, resources: {small_node: 1}}
+          large: {kind: cpu, num_cpus: 1, labels: {tier: large}}
+        backends:
+          onnxruntime_fp32: {target: small}
+          torch_dynamic_int8: {target: large}
+    """))
+    summary = run_sweep(space, SweepOptions(out=tmp_path / "out", address=cluster.address))
+    df = results.load(summary.study_dir)
+    assert len(df) == 6 and set(df["state"]) == {"complete"}, df[["backend", "error"]].to_string()
+    expected = {"onnxruntime_fp32": small.node_id, "torch_dynamic_int8": large.node_id}
+    for row in df.itertuples():
+        assert row.node_id == expected[row.backend], (row.backend, row.node_id)
+        assert row.target == {"onnxruntime_fp32": "small", "torch_dynamic_int8": "large"}[row.backend]
+
+
+def test_a_worker_node_killed_mid_sweep_loses_nothing(cluster, write_space, tmp_path: Path) -> None:
+    first = cluster.add_node(num_cpus=1, resources={"worker": 1})
+    second = cluster.add_node(num_cpus=1, resources={"worker": 1})
+    space = load_space(write_space("""
+        task: digits_cnn
+        trials: 6
+        seed: 0
+        max_concurrent: 2
+        constraint: {max_drop: 1.0}
+        hardware: {num_cpus: 1, resources: {worker: 1}}
+        backends:
+          onnxruntime_fp32: {}
+          torch_dynamic_int8: {}
+    """))
+    # Longer trials, so that the node dies while trials run on it.
+    space = dataclasses.replace(space, measure=space.measure.model_copy(update={"min_time_s": 2.0}))
+    killed: list[str] = []
+
+    def kill_first_node_once_busy(kind: str, data: dict) -> None:
+        if kind == "started" and data["trial_number"] == 3 and not killed:
+            def kill() -> None:
+                time.sleep(1.0)
+                killed.append(first.node_id)
+                cluster.remove_node(first, allow_graceful=False)
+
+            threading.Thread(target=kill, daemon=True).start()
+
+    summary = run_sweep(space, SweepOptions(out=tmp_path / "out", address=cluster.address), kill_first_node_once_busy)
+    df = results.load(summary.study_dir)
+    assert killed, "the node was killed during the sweep"
+    assert sorted(df["trial_number"]) == list(range(6)), "one row per trial"
+    assert set(df["state"]) == {"complete"}, df[["trial_number", "state", "error"]].to_string()
+    retried = df[df["attempt"] > 1]
+    assert not retried.empty, "a trial on the killed node was retried"
+    assert (retried["node_id"] == second.node_id).all(), "retries ran on the surviving node"
+
+
+def _rows(study_dir: Path):
+    try:
+        return results.load(study_dir)
+    except FileNotFoundError:
+        return None
+
+
+def test_a_killed_driver_resumes_without_duplicates(cluster, write_space, tmp_path: Path) -> None:
+    cluster.add_node(num_cpus=2, resources={"worker": 2})
+    space = write_space("""
+        task: digits_cnn
+        trials: 8
+        seed: 0
+        max_concurrent: 2
+        constraint: {max_drop: 1.0}
+        hardware: {num_cpus: 1, resources: {worker: 1}}
+        backends:
+          onnxruntime_fp32: {}
+          torch_dynamic_int8: {}
+    """)
+    out = tmp_path / "out"
+    study_dir = out / "space"
+    cmd = [sys.executable, "-m", "sweeper.cli", "run", str(space), "--out", str(out), "--address", cluster.address]
+    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        df = _rows(study_dir)
+        if df is not None and len(df) >= 3:
+            break
+        assert driver.poll() is None, driver.stdout.read().decode()
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = results.load(study_dir)
+    assert 3 <= len(before) < 8, "the driver died mid-sweep"
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    after = results.load(study_dir)
+    assert after["trial_number"].is_unique, "no row is duplicated"
+    kept = after.set_index("trial_number").loc[before["trial_number"], "finished_at"].tolist()
+    assert kept == before["finished_at"].tolist(), "finished rows are kept as they were"
+    interrupted = after["error"].fillna("").str.startswith("interrupted:")
+    assert (~interrupted).sum() == 8, "the study ends with its 8 trials done"
+    assert set(after.loc[~interrupted, "state"]) == {"complete"}
