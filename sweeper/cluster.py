@@ -76,6 +76,8 @@ def connect(
     Raises:
         SweeperInputError: when no cluster answers at ``address``.
     """
+    if address is not None:
+        check_address(address)
     if "ray" not in sys.modules:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
@@ -89,7 +91,6 @@ def connect(
     if address is None:
         kwargs |= {"num_cpus": num_cpus, "include_dashboard": False}
     else:
-        check_address(address)
         kwargs |= {"address": address, "runtime_env": env}
     try:
         ray.init(**kwargs)

@@ -263,7 +263,7 @@ def _study_info(study_dir: Path, space: Space, task_ref: TaskRef, options: Sweep
     remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
     measure = MeasureSettings(**space.measure.model_dump())
     try:
-        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus))
+        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus, _preflight_params(space)))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, Exception) else exc
         if isinstance(cause, SweeperInputError):
@@ -283,6 +283,25 @@ def _study_info(study_dir: Path, space: Space, task_ref: TaskRef, options: Sweep
     }
     results.write_study_info(study_dir, info)
     return info
+
+
+def _preflight_params(space: Space) -> list[tuple[str, dict[str, Any]]]:
+    """One config per backend for its preflight check: each parameter's first value.
+
+    A backend whose first values do not make a valid config is left to its trials.
+    """
+    pairs = []
+    for backend, params in space.backends.items():
+        first = {
+            key: p.value if isinstance(p, Fixed) else p.low if isinstance(p, Range) else p.values[0]
+            for key, p in params.items()
+        }
+        try:
+            config_for(backend, first)
+        except ConfigError:
+            continue
+        pairs.append((backend, first))
+    return pairs
 
 
 def _check_against_task(space: Space, info: dict[str, Any]) -> None:

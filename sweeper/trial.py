@@ -74,10 +74,30 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
     )
 
 
-def baseline_summary(task_ref: TaskRef, measure: MeasureSettings, num_threads: int) -> dict[str, Any]:
-    """The FP32 figures a study needs once: metric, its direction, and the state dict's size."""
+def baseline_summary(
+    task_ref: TaskRef,
+    measure: MeasureSettings,
+    num_threads: int,
+    preflight: list[tuple[str, dict[str, Any]]] = (),
+) -> dict[str, Any]:
+    """The FP32 figures a study needs once, after the backends' preflight checks.
+
+    Returns the FP32 metric, its direction and the state dict's size. ``preflight`` lists
+    (backend, params) pairs whose :meth:`~sweeper.backends.Backend.preflight` must pass.
+    """
+    from sweeper.backends import BuildContext, get_backend
+    from sweeper.cache import cache_dir
+    from sweeper.space import config_for
+
     _set_threads(num_threads)
     baseline = prepare_baseline(task_ref, measure.eval_batch_size)
+    with tempfile.TemporaryDirectory(prefix="sweeper-preflight-") as workdir:
+        ctx = BuildContext(
+            model=baseline.model, task=baseline.task, workdir=Path(workdir),
+            cache_dir=cache_dir("models"), num_threads=num_threads,
+        )
+        for backend, params in preflight:
+            get_backend(backend).preflight(ctx, config_for(backend, params))
     return {
         "metric": baseline.metric,
         "metric_name": baseline.task.metric_name,

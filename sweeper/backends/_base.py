@@ -99,6 +99,14 @@ class Backend(ABC):
         """Return why this backend cannot run on this machine, or ``None`` if it can."""
         return None
 
+    def preflight(self, ctx: BuildContext, config: BackendConfig) -> None:
+        """Check, once before any trial, that this backend can start from the task's model.
+
+        Raises a :class:`~sweeper.errors.SweeperInputError` for a problem no trial could get
+        past (a model that does not export, say); the sweep then stops before it starts. The
+        default checks nothing.
+        """
+
     @abstractmethod
     def build(self, ctx: BuildContext, config: BackendConfig) -> Candidate:
         """Build a candidate from ``ctx.model`` with ``config``."""
