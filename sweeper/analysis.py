@@ -1,11 +1,44 @@
-"""Reading a study's rows: the best feasible trials, and the closest miss when none is feasible."""
+"""Reading a study's rows: best feasible trials, the Pareto front, per-backend figures, and the
+layer-sensitivity table joined with the trials that excluded those layers.
+
+Parameter importance, which needs the stored Optuna study, is in :mod:`sweeper.importance`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sweeper import results
+from sweeper.results import PARAM_PREFIX
 
 if TYPE_CHECKING:
     import pandas as pd
+
+PARETO_OBJECTIVES: tuple[str, ...] = ("latency_ms_p50", "accuracy_drop", "size_bytes")
+SENSITIVITY_FILE = "sensitivity.parquet"
+SENSITIVITY_COLUMNS: tuple[str, ...] = ("layer", "op_type", "metric_drop", "output_error", "rank")
+# Config fields that list the layers a trial left unquantized.
+EXCLUSION_FIELDS: tuple[str, ...] = ("nodes_to_exclude",)
+
+
+def study_settings(study_dir: Path) -> dict[str, Any]:
+    """What ``study.json`` says about a study: name, task, task_path, objective, the parsed space
+    file (``space``) and the FP32 ``baseline``; defaults where the file or a key is missing."""
+    import yaml
+
+    info = results.read_study_info(Path(study_dir)) or {}
+    space = yaml.safe_load(info.get("space") or "") or {}
+    return {
+        "study": info.get("study", Path(study_dir).name),
+        "task": info.get("task"),
+        "task_path": info.get("task_path"),
+        "objective": space.get("objective", "latency_ms_p50"),
+        "space": space,
+        "baseline": info.get("baseline", {}),
+    }
 
 
 def best_feasible(df: pd.DataFrame, objective: str = "latency_ms_p50", k: int = 5) -> pd.DataFrame:
@@ -23,3 +56,137 @@ def closest_infeasible(df: pd.DataFrame, k: int = 3) -> pd.DataFrame:
 def state_counts(df: pd.DataFrame) -> dict[str, int]:
     """Number of rows in each state."""
     return {state: int((df["state"] == state).sum()) for state in ("complete", "failed", "pruned")}
+
+
+def pareto_front(
+    df: pd.DataFrame, objectives: tuple[str, ...] = PARETO_OBJECTIVES, *, feasible_only: bool = False
+) -> pd.DataFrame:
+    """The complete trials no other complete trial dominates, all ``objectives`` minimised.
+
+    A trial dominates another when it is no worse in every objective and better in at least one;
+    trials with identical figures do not dominate each other, so both stay on the front. Rows
+    missing any objective are left out. With ``feasible_only``, only feasible trials compete.
+    The result is sorted by the first objective.
+    """
+    done = df[df["state"] == "complete"].dropna(subset=list(objectives))
+    if feasible_only:
+        done = done[done["feasible"].fillna(False).astype(bool)]
+    points = done[list(objectives)].to_numpy(dtype=float)
+    keep = ~dominated(points)
+    return done[keep].sort_values([*objectives, "trial_number"])
+
+
+def dominated(points: np.ndarray) -> np.ndarray:
+    """For each row of ``points`` (minimised), whether another row dominates it."""
+    # One row at a time keeps memory linear in the number of trials.
+    out = np.zeros(len(points), dtype=bool)
+    for i, point in enumerate(points):
+        out[i] = bool(((points <= point).all(axis=1) & (points < point).any(axis=1)).any())
+    return out
+
+
+def backend_summary(df: pd.DataFrame, objective: str = "latency_ms_p50") -> pd.DataFrame:
+    """One row per backend: trial counts, best feasible objective, median and best speedup, drops, size.
+
+    Sorted by the best feasible objective (backends with no feasible trial last).
+    """
+    import pandas as pd
+
+    rows = []
+    for backend, group in df.groupby("backend", sort=True):
+        done = group[group["state"] == "complete"]
+        ok = done[done["feasible"].fillna(False).astype(bool)]
+        rows.append({
+            "backend": backend,
+            "trials": len(group),
+            "complete": len(done),
+            "failed": int((group["state"] == "failed").sum()),
+            "feasible": len(ok),
+            f"best_feasible_{objective}": ok[objective].min() if not ok.empty else np.nan,
+            "median_latency_ms_p50": done["latency_ms_p50"].median(),
+            "median_speedup": done["speedup"].median(),
+            "best_feasible_speedup": ok["speedup"].max() if not ok.empty else np.nan,
+            "min_accuracy_drop": done["accuracy_drop"].min(),
+            "median_accuracy_drop": done["accuracy_drop"].median(),
+            "min_size_bytes": done["size_bytes"].min(),
+        })
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values([f"best_feasible_{objective}", "backend"], na_position="last", ignore_index=True)
+
+
+def load_sensitivity(study_dir: str | Path) -> pd.DataFrame | None:
+    """Read ``<study>/sensitivity.parquet`` (a file or a folder of Parquet files), or ``None``.
+
+    The layer-sensitivity table has one row per (backend, layer): ``layer``, ``op_type``,
+    ``metric_drop``, ``output_error``, ``rank`` (1 = most sensitive), plus ``backend`` and the
+    config it was measured with.
+
+    Raises:
+        ValueError: when the file lacks one of the required columns.
+    """
+    import pandas as pd
+
+    path = Path(study_dir) / SENSITIVITY_FILE
+    if not path.exists():
+        return None
+    table = pd.read_parquet(path)
+    missing = [c for c in SENSITIVITY_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {missing}; it has {list(table.columns)}")
+    order = [c for c in ("backend", "rank", "layer") if c in table.columns]
+    return table.sort_values(order, ignore_index=True)
+
+
+def excluded_layers(df: pd.DataFrame) -> pd.Series:
+    """For each row, the set of layers its config left unquantized (empty when none)."""
+    import pandas as pd
+
+    sets = [set() for _ in range(len(df))]
+    for field in EXCLUSION_FIELDS:
+        column = PARAM_PREFIX + field
+        if column in df.columns:
+            for i, value in enumerate(df[column]):
+                if isinstance(value, tuple | list):
+                    sets[i].update(value)
+    return pd.Series(sets, index=df.index, dtype=object)
+
+
+def sensitivity_with_exclusions(
+    sensitivity: pd.DataFrame, df: pd.DataFrame, objective: str = "latency_ms_p50"
+) -> pd.DataFrame:
+    """Join the sensitivity table with what the sweep found when it excluded each layer.
+
+    For each sensitivity row, over the complete trials of the same backend (all backends when
+    the table has no ``backend`` column): how many trials excluded the layer, how many of those
+    were feasible, the median accuracy drop with and without the layer excluded, the best
+    feasible ``objective`` among trials excluding it, and whether the overall best feasible trial
+    excludes it.
+    """
+    done = df[df["state"] == "complete"]
+    excluded = excluded_layers(done)
+    feasible = done["feasible"].fillna(False).astype(bool)
+    best = best_feasible(df, objective, k=1)
+    best_excluded = excluded_layers(best).iloc[0] if not best.empty else set()
+    best_backend = best["backend"].iloc[0] if not best.empty else None
+    out = sensitivity.copy()
+    columns: dict[str, list] = {
+        "trials_excluding": [], "feasible_excluding": [], "median_accuracy_drop_excluding": [],
+        "median_accuracy_drop_including": [], f"best_feasible_{objective}_excluding": [], "excluded_in_best": [],
+    }  # fmt: skip
+    for row in sensitivity.itertuples(index=False):
+        backend = getattr(row, "backend", None)
+        same = done["backend"] == backend if isinstance(backend, str) else done["backend"].notna()
+        has = same & excluded.map(lambda layers, name=row.layer: name in layers).astype(bool)
+        lacks = same & ~has
+        columns["trials_excluding"].append(int(has.sum()))
+        columns["feasible_excluding"].append(int((has & feasible).sum()))
+        columns["median_accuracy_drop_excluding"].append(done.loc[has, "accuracy_drop"].median())
+        columns["median_accuracy_drop_including"].append(done.loc[lacks, "accuracy_drop"].median())
+        columns[f"best_feasible_{objective}_excluding"].append(done.loc[has & feasible, objective].min())
+        in_best = row.layer in best_excluded and (not isinstance(backend, str) or backend == best_backend)
+        columns["excluded_in_best"].append(bool(in_best))
+    for name, values in columns.items():
+        out[name] = values
+    return out

@@ -161,10 +161,51 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Load one or more studies' rows into a pandas DataFrame, sorted by study and trial.
 
     ``paths`` may be a study folder, a results folder holding several studies, or a list of
-    either.
+    either. The fixed columns (:data:`COLUMNS`) come first, then each config field found in
+    ``params_json`` as a typed ``param.<field>`` column (:func:`expand_params`).
     """
     df = read_table(paths).to_pandas()
-    return df.sort_values(["study", "trial_number"], ignore_index=True)
+    df = df.sort_values(["study", "trial_number"], ignore_index=True)
+    return expand_params(df)
+
+
+PARAM_PREFIX = "param."
+
+
+def expand_params(df: pd.DataFrame) -> pd.DataFrame:
+    """Add one typed column ``param.<field>`` per config field found in ``params_json``.
+
+    Columns are named by the backend config's field, so a field that several backends share
+    (``per_channel``) is one column; a row whose backend lacks the field holds a missing value.
+    Types follow the values: ``boolean``, ``Int64``, ``Float64``, ``str``; list values become
+    tuples; a field whose values mix types stays ``object``.
+    """
+    import pandas as pd
+
+    parsed = [json.loads(text) if isinstance(text, str) and text else {} for text in df["params_json"]]
+    names = sorted({name for params in parsed for name in params})
+    columns = {f"{PARAM_PREFIX}{name}": _typed([params.get(name) for params in parsed]) for name in names}
+    if not columns:
+        return df
+    return pd.concat([df, pd.DataFrame(columns, index=df.index)], axis=1)
+
+
+def _typed(values: list[Any]) -> Any:
+    import pandas as pd
+
+    present = [v for v in values if v is not None]
+    kinds = {type(v) for v in present}
+    if kinds == {bool}:
+        return pd.array(values, dtype="boolean")
+    if kinds == {int}:
+        return pd.array(values, dtype="Int64")
+    if kinds and kinds <= {int, float}:
+        return pd.array(values, dtype="Float64")
+    if kinds == {str}:
+        return pd.array(values, dtype="str")
+    if kinds == {list}:
+        return pd.array([tuple(v) if v is not None else None for v in values], dtype=object)
+    return pd.array(values, dtype=object)
 
 
 def write_study_info(study_dir: Path, info: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ def test_round_trip_keeps_every_column_and_type(tmp_path: Path) -> None:
     results.write_row(tmp_path, _row(3))
     results.write_row(tmp_path, _row(1, state="failed", error="ValueError: boom", feasible=False))
     df = results.load(tmp_path)
-    assert list(df.columns) == results.COLUMN_NAMES
+    assert list(df.columns) == [*results.COLUMN_NAMES, "param.opset"], "params_json expands into param.<field>"
     assert df["trial_number"].tolist() == [1, 3]
     assert df.loc[0, "error"] == "ValueError: boom"
     assert df.loc[1, "latency_ms_p50"] == pytest.approx(0.25)
