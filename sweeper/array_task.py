@@ -247,7 +247,8 @@ class ArrayClassificationTask(Task):
         import torch
 
         _log.info("training %s once (the weights are cached in %s)", self.name, path.parent)
-        with _reproducible(self.recipe.seed):
+        # The first build may come from inside a caller's inference_mode or no_grad block.
+        with _reproducible(self.recipe.seed), torch.inference_mode(False), torch.enable_grad():
             model = self.make_model()
             self.fit(model)
         torch.save(model.state_dict(), path)

@@ -17,6 +17,14 @@ BACKENDS: dict[str, str] = {
     "onnxruntime_static_int8": "sweeper.backends.onnxruntime_static_int8:OnnxRuntimeStaticInt8",
     "onnxruntime_dynamic_int8": "sweeper.backends.onnxruntime_dynamic_int8:OnnxRuntimeDynamicInt8",
     "torch_dynamic_int8": "sweeper.backends.torch_dynamic_int8:TorchDynamicInt8",
+    "torch_static_int8": "sweeper.backends.torch_static_int8:TorchStaticInt8",
+    "torch_qat_int8": "sweeper.backends.torch_qat_int8:TorchQatInt8",
+    "torchscript": "sweeper.backends.torchscript:TorchScriptFP32",
+    "torch_compile": "sweeper.backends.torch_compile:TorchCompile",
+    "torch_fp16": "sweeper.backends.torch_fp16:TorchFP16",
+    "torch_autocast": "sweeper.backends.torch_autocast:TorchAutocast",
+    "onnxruntime_fp16": "sweeper.backends.onnxruntime_fp16:OnnxRuntimeFP16",
+    "tensorrt": "sweeper.backends.tensorrt:TensorRT",
 }
 
 __all__ = [

@@ -95,6 +95,17 @@ class Backend(ABC):
     hardware: ClassVar[frozenset[Hardware]] = frozenset({"cpu"})
     min_agreement_pct: ClassVar[float] = 95.0
 
+    # The config field listing layers to leave in float, for backends that can (None otherwise).
+    exclusion_field: ClassVar[str | None] = None
+
+    def quantizable_layers(self, ctx: BuildContext, config: BackendConfig) -> list[tuple[str, str]]:
+        """The layers ``config`` would quantize, as (name, op type), in model order.
+
+        Names are what :attr:`exclusion_field` takes. Only backends with an exclusion field
+        implement this.
+        """
+        raise NotImplementedError(f"backend '{self.name}' cannot leave layers in float")
+
     def unavailable_reason(self) -> str | None:
         """Return why this backend cannot run on this machine, or ``None`` if it can."""
         return None
@@ -104,8 +115,19 @@ class Backend(ABC):
 
         Raises a :class:`~sweeper.errors.SweeperInputError` for a problem no trial could get
         past (a model that does not export, say); the sweep then stops before it starts. The
-        default checks nothing.
+        default exports the model when the backend starts from ONNX (the export is cached, so
+        the trials reuse it) and checks nothing otherwise.
         """
+        from sweeper.backends._onnx import OnnxExportConfig, OnnxExportError, export_onnx
+
+        if isinstance(config, OnnxExportConfig):
+            try:
+                export_onnx(ctx, config)
+            except OnnxExportError as exc:
+                raise type(exc)(
+                    f"{exc}. Backend '{self.name}' starts from this export: choose another exporter "
+                    "or opset for it in the space, or remove the ONNX-based backends"
+                ) from None
 
     @abstractmethod
     def build(self, ctx: BuildContext, config: BackendConfig) -> Candidate:

@@ -69,12 +69,19 @@ class OnnxRuntimeDynamicInt8(Backend):
         """
         return graph_nodes(onnx_path, _op_types(quantize_conv) | {"Gemm"})
 
+    exclusion_field: ClassVar[str] = "nodes_to_exclude"
+
+    def quantizable_layers(  # type: ignore[override]
+        self, ctx: BuildContext, config: OnnxRuntimeDynamicInt8Config
+    ) -> list[tuple[str, str]]:
+        return self.quantizable_nodes(export_onnx(ctx, config), quantize_conv=config.quantize_conv)
+
     def build(  # type: ignore[override]
         self, ctx: BuildContext, config: OnnxRuntimeDynamicInt8Config
     ) -> OnnxCandidate:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        fp32 = export_onnx(ctx, opset=config.opset, exporter=config.exporter)
+        fp32 = export_onnx(ctx, config)
         quantizable = self.quantizable_nodes(fp32, quantize_conv=config.quantize_conv)
         check_nodes_to_exclude(
             config.nodes_to_exclude,

@@ -34,7 +34,7 @@ class OnnxRuntimeFP32(Backend):
     def build(  # type: ignore[override]
         self, ctx: BuildContext, config: OnnxRuntimeFP32Config
     ) -> OnnxCandidate:
-        path = export_onnx(ctx, opset=config.opset, exporter=config.exporter)
+        path = export_onnx(ctx, config)
         return OnnxCandidate(path, ctx.num_threads)
 
     def load(  # type: ignore[override]

@@ -51,6 +51,16 @@ IntType = Literal["int8", "uint8"]
 PERCENTILE = 99.999
 # Calibration batches hold at most this many samples (evenly split, see _even_batches).
 MAX_CALIBRATION_BATCH = 32
+# ORT quantizer options for a QDQ model that TensorRT's ONNX parser accepts: zero points of 0
+# (symmetric int8 ranges), weights kept in float behind their own Q/DQ pair, biases left in float
+# (TensorRT rejects DequantizeLinear of int32 biases), and one Q/DQ pair per consumer.
+TENSORRT_QDQ_OPTIONS: dict[str, bool] = {
+    "ActivationSymmetric": True,
+    "WeightSymmetric": True,
+    "AddQDQPairToWeight": True,
+    "QuantizeBias": False,
+    "DedicatedQDQPair": True,
+}
 
 
 class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
@@ -66,6 +76,9 @@ class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
         activation_type: integer type of activations.
         weight_type: integer type of weights (``uint8`` needs ``uint8`` activations).
         reduce_range: quantize weights to 7 bits (helps CPUs without VNNI avoid saturation).
+        qdq_target: the runtime the QDQ model is made for. ``"tensorrt"`` makes what TensorRT's
+            explicit quantization accepts (see :data:`TENSORRT_QDQ_OPTIONS`); it needs
+            ``quant_format="qdq"`` and int8 activations and weights. The model still runs on ORT.
         nodes_to_exclude: ONNX node names to leave in float (see
             :meth:`OnnxRuntimeStaticInt8.quantizable_nodes`).
     """
@@ -77,6 +90,7 @@ class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
     activation_type: IntType = "uint8"
     weight_type: IntType = "int8"
     reduce_range: bool = False
+    qdq_target: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     nodes_to_exclude: tuple[str, ...] = ()
 
     @model_validator(mode="after")
@@ -86,6 +100,14 @@ class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
                 "activation_type 'int8' with weight_type 'uint8' is not supported by ONNX Runtime's "
                 "quantizer; allowed (activation_type, weight_type) pairs: (uint8, int8), (uint8, uint8), "
                 "(int8, int8)"
+            )
+        if self.qdq_target == "tensorrt" and (
+            self.quant_format != "qdq" or self.activation_type != "int8" or self.weight_type != "int8"
+        ):
+            raise ValueError(
+                "qdq_target 'tensorrt' needs quant_format 'qdq' with activation_type 'int8' and weight_type "
+                f"'int8', got quant_format '{self.quant_format}', activation_type '{self.activation_type}', "
+                f"weight_type '{self.weight_type}'"
             )
         return self
 
@@ -110,13 +132,20 @@ class OnnxRuntimeStaticInt8(Backend):
         """
         return graph_nodes(onnx_path, _static_op_types())
 
+    exclusion_field: ClassVar[str] = "nodes_to_exclude"
+
+    def quantizable_layers(  # type: ignore[override]
+        self, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config
+    ) -> list[tuple[str, str]]:
+        return self.quantizable_nodes(export_onnx(ctx, config))
+
     def build(  # type: ignore[override]
         self, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config
     ) -> OnnxCandidate:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
         check_sample_count(ctx.task, config.calibration_samples)
-        fp32 = export_onnx(ctx, opset=config.opset, exporter=config.exporter)
+        fp32 = export_onnx(ctx, config)
         check_nodes_to_exclude(
             config.nodes_to_exclude,
             self.quantizable_nodes(fp32),
@@ -136,6 +165,8 @@ class OnnxRuntimeStaticInt8(Backend):
         extra_options = dict(calibration_options)
         if config.calibration_method == "distribution":
             extra_options["ActivationSymmetric"] = True  # see the module docstring
+        if config.qdq_target == "tensorrt":
+            extra_options.update(TENSORRT_QDQ_OPTIONS)
 
         # The exported file's name keys the task and its weights; the calibration split is taken
         # to be fixed for them (it is read only on a cache miss).

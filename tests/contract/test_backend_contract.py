@@ -24,7 +24,7 @@ from sweeper.task import Task, load_task
 ROOT = Path(__file__).resolve().parents[2]
 TASK_FILES = {"digits": ROOT / "tasks" / "digits_cnn.py", "gru": ROOT / "tasks" / "mnist1d_gru.py"}
 # Backends for which recurrent layers matter: they also run on the GRU task.
-RECURRENT = {"onnxruntime_fp32", "onnxruntime_dynamic_int8", "torch_dynamic_int8"}
+RECURRENT = {"onnxruntime_fp32", "onnxruntime_dynamic_int8", "torch_dynamic_int8", "torchscript"}
 # Non-default configs exercised besides each backend's default one (on the digits task).
 EXTRA_CONFIGS: dict[str, list[dict[str, Any]]] = {
     "onnxruntime_fp32": [{"exporter": "dynamo", "opset": 18}],
@@ -34,9 +34,20 @@ EXTRA_CONFIGS: dict[str, list[dict[str, Any]]] = {
         {"calibration_method": "percentile", "per_channel": True},
         {"calibration_method": "distribution", "activation_type": "int8", "calibration_samples": 64},
         {"quant_format": "qoperator", "activation_type": "int8", "per_channel": True, "reduce_range": True},
+        {"qdq_target": "tensorrt", "activation_type": "int8", "per_channel": True},
     ],
     "onnxruntime_dynamic_int8": [{"quantize_conv": True, "weight_type": "uint8", "per_channel": True}],
     "torch_dynamic_int8": [{"engine": "qnnpack", "layers": ("linear",)}],
+    "torch_static_int8": [
+        {"engine": "qnnpack", "per_channel": False, "observer": "minmax", "calibration_samples": 32},
+        {"engine": "fbgemm", "observer": "moving_average", "excluded_layers": ("classifier.3", "features.0")},
+    ],
+    "torch_qat_int8": [
+        {"engine": "fbgemm", "per_channel": False, "epochs": 1, "learning_rate": 3e-4, "excluded_layers": ("features.7",)}
+    ],
+    "torchscript": [{"mode": "script", "freeze": False}, {"mode": "trace", "optimize_for_inference": True}],
+    "torch_autocast": [{"dtype": "float16"}],
+    "onnxruntime_fp16": [{"simplify": "onnxslim", "nodes_to_exclude": ("/classifier/classifier.3/Gemm",)}],
 }
 
 
