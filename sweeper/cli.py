@@ -50,6 +50,7 @@ def run(
     debug: Annotated[bool, typer.Option(help="show tracebacks and Ray worker logs")] = False,
 ) -> None:
     """Run a sweep: Optuna proposes configurations, Ray tasks build and measure them."""
+    from sweeper.progress import SweepProgress
     from sweeper.space import load_space
     from sweeper.study import SweepOptions, run_sweep
 
@@ -59,7 +60,7 @@ def run(
             out=out, study=study, task=task, trials=trials, max_concurrent=max_concurrent,
             seed=seed, address=address, resume=resume, debug=debug,
         )
-        with _SweepProgress(space.objective) as progress:
+        with SweepProgress(console, space.objective) as progress:
             summary = run_sweep(space, options, progress.on_event)
     except SweeperInputError as exc:
         raise _fail(exc, debug) from None
@@ -77,7 +78,9 @@ def backends() -> None:
     from sweeper.backends import BACKENDS, availability, get_backend
 
     table = Table(title="Backends")
-    for col in ("backend", "hardware", "available", "parameters"):
+    # Names stay whole however narrow the terminal; the other columns wrap.
+    table.add_column("backend", no_wrap=True, min_width=max(map(len, BACKENDS)))
+    for col in ("hardware", "available", "parameters"):
         table.add_column(col)
     for name, reason in availability().items():
         try:
@@ -160,55 +163,63 @@ def _trials_table(df: Any, title: str | None = None) -> Table:
     return table
 
 
-class _SweepProgress:
-    """A live progress bar: trials done / running / failed and the best feasible latency so far."""
+@app.command()
+def sensitivity(
+    task: Annotated[str, typer.Option(help="task name (looked up in ./tasks) or .py file")],
+    backend: Annotated[str, typer.Option(help="a backend that can leave layers in float")],
+    param: Annotated[list[str] | None, typer.Option(help="a config value, KEY=VALUE (YAML); repeatable")] = None,
+    out: Annotated[Path, typer.Option(help="folder for the table (TASK-BACKEND-sensitivity.parquet)")] = Path("results"),
+    num_cpus: Annotated[int, typer.Option(min=1, help="CPUs (and threads) per Ray task")] = 1,
+    chunk_size: Annotated[int, typer.Option(min=1, help="layers scored per Ray task")] = 2,
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join; default: embedded local Ray")] = None,
+    debug: Annotated[bool, typer.Option(help="show tracebacks and Ray worker logs")] = False,
+) -> None:
+    """Rank a backend's quantizable layers by how much quantizing each one alone costs."""
+    import yaml
+    from rich.progress import Progress
 
-    def __init__(self, objective: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from sweeper.backends import get_backend
+    from sweeper.cluster import connect, runtime_env
+    from sweeper.sampling import config_for
+    from sweeper.sensitivity import run_sensitivity
+    from sweeper.spec import TaskRef
+    from sweeper.task import find_task_file
 
-        self.objective = objective
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
-        )
-        self.task_id: Any = None
-        self.running = self.failed = self.complete = 0
-        self.best: float | None = None
-        self.best_desc = "none yet"
-
-    def __enter__(self) -> _SweepProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "start":
-            console.print(
-                f"Study '{data['study']}' in {data['study_dir']}: FP32 metric {data['accuracy_fp32']:.2f}, "
-                f"{data['done']} trials already done, {data['trials']} to run, {data['max_concurrent']} at a time"
+    try:
+        params: dict[str, Any] = {}
+        for item in param or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise SweeperInputError(f"--param {item!r}: write KEY=VALUE, e.g. --param calibration_method=entropy")
+            params[key] = yaml.safe_load(value)
+        if get_backend(backend).exclusion_field is None:
+            raise SweeperInputError(f"backend '{backend}' cannot leave layers in float, so it has no layer sensitivity")
+        config_for(backend, params)
+        task_path = find_task_file(task, [Path.cwd() / "tasks"])
+        out.mkdir(parents=True, exist_ok=True)
+        connect(address, num_cpus=None, env=runtime_env(task_path.parent) if address else None, debug=debug)
+        task_ref = TaskRef(name=task_path.stem, path=task_path.name if address else str(task_path))
+        with Progress(console=console) as progress:
+            bar = progress.add_task(f"sensitivity {backend}", total=None)
+            table = run_sensitivity(
+                task_ref, backend, params, ray_options={"num_cpus": num_cpus}, num_threads=num_cpus,
+                chunk_size=chunk_size, on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             )
-            self.task_id = self.progress.add_task(data["study"], total=data["trials"], status="")
-        elif kind == "started":
-            self.running += 1
-        elif kind == "finished":
-            self.running = max(0, self.running - 1)
-            if data["state"] == "complete":
-                self.complete += 1
-                value = data.get(self.objective)
-                if data.get("feasible") and value is not None and (self.best is None or value < self.best):
-                    self.best = value
-                    self.best_desc = f"{value:.3f} ({data['backend']}, trial {data['trial_number']})"
-            else:
-                self.failed += 1
-            if self.task_id is not None:
-                self.progress.advance(self.task_id)
-        if self.task_id is not None:
-            self.progress.update(
-                self.task_id,
-                status=f"running {self.running}  failed {self.failed}  best feasible {self.objective}: {self.best_desc}",
-            )
+    except (SweeperInputError, OSError) as exc:
+        raise _fail(exc, debug) from None
+    path = out / f"{task_path.stem}-{backend}-sensitivity.parquet"
+    table.to_parquet(path, index=False)
+    view = Table(title=f"{task_path.stem} / {backend}: most sensitive first (quantizing only that layer)")
+    for col in ("rank", "layer", "op type", "metric drop", "output error", "SQNR dB"):
+        view.add_column(col, overflow="fold")
+    for r in table.head(20).itertuples():
+        view.add_row(str(r.rank), r.layer, r.op_type, f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}")
+    console.print(view)
+    first = table.iloc[0]
+    console.print(
+        f"{len(table)} layers; everything quantized: drop {first.full_metric_drop:.2f}, output error "
+        f"{first.full_output_error:.2e}. Table: {path}"
+    )
 
 
 @app.command()

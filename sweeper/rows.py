@@ -27,6 +27,16 @@ def counts_toward_budget(row: dict[str, Any]) -> bool:
     return not (row["state"] == "failed" and (row.get("error") or "").startswith(INTERRUPTED))
 
 
+def _exclusion_field(backend: str) -> str | None:
+    from sweeper.backends import get_backend
+    from sweeper.errors import ConfigError
+
+    try:
+        return get_backend(backend).exclusion_field
+    except (ConfigError, ImportError):
+        return None
+
+
 def _ts(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)
 
@@ -51,6 +61,9 @@ def make_row(space: Space, spec: TrialSpec, result: TrialResult, baseline: dict[
         "accuracy": result.accuracy,
         "drop_mode": space.constraint.mode,
         "max_drop": space.constraint.max_drop,
+        "subset_accuracy": result.subset_accuracy,
+        "subset_accuracy_fp32": result.subset_accuracy_fp32,
+        "subset_samples": result.subset_samples,
         "agreement": result.agreement,
         "output_max_abs_error": result.output_max_abs_error,
         "size_bytes": result.size_bytes,
@@ -60,6 +73,11 @@ def make_row(space: Space, spec: TrialSpec, result: TrialResult, baseline: dict[
         "artifact_path": result.artifact_path,
         "error": result.error,
     }
+    field = _exclusion_field(spec.backend)
+    if field is not None:
+        excluded = list(spec.params.get(field) or ())
+        row["excluded_layers"] = excluded
+        row["n_excluded"] = len(excluded)
     if result.accuracy is not None:
         drop = accuracy_drop(
             fp32, result.accuracy, higher_is_better=baseline["higher_is_better"], mode=space.constraint.mode

@@ -22,16 +22,25 @@ allowed.
 
 from __future__ import annotations
 
-import json
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from sweeper.errors import ConfigError, did_you_mean
+from sweeper.params import Param, parse_backend_params
+
+if TYPE_CHECKING:
+    from sweeper.exclusion import ExclusionSpec
 
 Objective = Literal["latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "size_bytes"]
 
@@ -92,6 +101,18 @@ class MeasureSpec(_Strict):
     eval_batch_size: int = Field(default=256, ge=1)
 
 
+class EarlyStopSpec(_Strict):
+    """Cheap-first evaluation: score a share of the evaluation split first, prune hopeless trials.
+
+    A trial whose drop on the first ``fraction`` of the evaluation split exceeds the constraint's
+    ``max_drop`` plus ``margin`` (same units) is recorded as pruned, with that subset's figures,
+    and is never timed.
+    """
+
+    fraction: float = Field(default=0.25, gt=0, lt=1)
+    margin: float = Field(default=2.0, ge=0)
+
+
 class SpaceFile(_Strict):
     task: str
     study: str | None = None
@@ -104,29 +125,10 @@ class SpaceFile(_Strict):
     targets: dict[str, TargetSpec] | None = None
     trial_timeout_s: float | None = Field(default=None, gt=0)
     measure: MeasureSpec = MeasureSpec()
+    early_stop: EarlyStopSpec | None = None
     backends: dict[str, dict[str, Any] | None] = Field(min_length=1)
 
 
-@dataclass(frozen=True)
-class Fixed:
-    value: Any
-
-
-@dataclass(frozen=True)
-class Choices:
-    values: tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class Range:
-    low: int | float
-    high: int | float
-    log: bool = False
-    step: int | float | None = None
-    integer: bool = False
-
-
-Param = Fixed | Choices | Range
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ class Space:
     measure: MeasureSpec
     backends: dict[str, dict[str, Param]]
     backend_targets: dict[str, str]
+    exclusions: dict[str, ExclusionSpec]
+    early_stop: EarlyStopSpec | None
 
     def target_of(self, backend: str) -> TargetSpec:
         """The target the backend's trials run on."""
@@ -181,10 +185,13 @@ def load_space(path: str | Path) -> Space:
         raise ConfigError(f"{path}: key 'targets' must name at least one target")
     backends: dict[str, dict[str, Param]] = {}
     backend_targets: dict[str, str] = {}
+    exclusions: dict[str, ExclusionSpec] = {}
     for name, raw_params in spec.backends.items():
         params = dict(raw_params or {})
         wanted = params.pop("target", None)
-        backends[name] = _parse_backend(path, name, params)
+        if "exclude" in params:
+            exclusions[name] = _exclusion(path, name, params)
+        backends[name] = parse_backend_params(path, name, params)
         backend_targets[name] = _pick_target(path, name, wanted, targets)
     return Space(
         path=path,
@@ -200,7 +207,23 @@ def load_space(path: str | Path) -> Space:
         measure=spec.measure,
         backends=backends,
         backend_targets=backend_targets,
+        exclusions=exclusions,
+        early_stop=spec.early_stop,
     )
+
+
+def _exclusion(path: Path, backend: str, params: dict[str, Any]) -> ExclusionSpec:
+    from sweeper.backends import get_backend
+    from sweeper.exclusion import parse_exclusion
+
+    spec = parse_exclusion(path, backend, params.pop("exclude"))
+    field = get_backend(backend).exclusion_field
+    if field in params:
+        raise ConfigError(
+            f"{path}: key 'backends.{backend}.{field}': give either '{field}' (a fixed list) or 'exclude' "
+            "(searched from the sensitivity ranking), not both"
+        )
+    return spec
 
 
 def _pick_target(path: Path, backend: str, wanted: Any, targets: dict[str, TargetSpec]) -> str:
@@ -254,169 +277,3 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
         else:
             break
     return list(model.model_fields)
-
-
-def _parse_backend(path: Path, name: str, raw: dict[str, Any]) -> dict[str, Param]:
-    from sweeper.backends import get_backend
-
-    try:
-        config_cls = get_backend(name).Config
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: key 'backends.{name}': {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: key 'backends.{name}' must be a mapping of parameter names to values")
-    fields = config_cls.model_fields
-    params: dict[str, Param] = {}
-    for key, value in raw.items():
-        where = _Where(f"{path}: key 'backends.{name}.{key}")
-        if key not in fields:
-            raise ConfigError(
-                f"{where}: '{name}' has no parameter '{key}'.{did_you_mean(key, fields)} "
-                f"Its parameters: {', '.join(fields)}"
-            )
-        params[key] = _parse_param(where, value, fields[key])
-    return params
-
-
-class _Where(str):
-    """Where a value sits, as ``FILE: key 'a.b.c'``; ``where.sub("low")`` names a sub-key."""
-
-    def __new__(cls, prefix: str) -> _Where:
-        self = super().__new__(cls, prefix + "'")
-        self.prefix = prefix
-        return self
-
-    def sub(self, key: str) -> _Where:
-        return _Where(f"{self.prefix}.{key}")
-
-
-def _field_adapter(field: Any) -> TypeAdapter:
-    annotation = field.annotation
-    if field.metadata:
-        annotation = typing.Annotated[(annotation, *field.metadata)]
-    return TypeAdapter(annotation)
-
-
-def _check_value(where: _Where, adapter: TypeAdapter, value: Any) -> Any:
-    try:
-        return adapter.validate_python(value, strict=True)
-    except ValidationError as exc:
-        msg = "; ".join(e["msg"] for e in exc.errors())
-        raise ConfigError(f"{where}: {value!r} is not allowed: {msg}") from None
-
-
-def _is_sequence_field(field: Any) -> bool:
-    origin = typing.get_origin(field.annotation)
-    return origin in (tuple, list)
-
-
-def _is_integer_field(field: Any) -> bool | None:
-    """True for int fields, False for float fields, None for anything else."""
-    if field.annotation is int:
-        return True
-    if field.annotation is float:
-        return False
-    return None
-
-
-def _parse_param(where: _Where, value: Any, field: Any) -> Param:
-    adapter = _field_adapter(field)
-    if isinstance(value, dict):
-        keys = set(value)
-        if keys == {"value"}:
-            return Fixed(_check_value(where, adapter, _tuple(value["value"], field)))
-        if keys == {"choices"}:
-            return _choices(where, adapter, value["choices"], field)
-        if keys and keys <= {"low", "high", "log", "step"} and {"low", "high"} <= keys:
-            return _range(where, adapter, value, field)
-        raise ConfigError(
-            f"{where}: a parameter is a scalar (fixed), a list (choices), {{value: ...}}, "
-            f"{{choices: [...]}} or {{low: ..., high: ..., log: bool, step: ...}}; got keys {sorted(keys)}"
-        )
-    if isinstance(value, list) and not _is_sequence_field(field):
-        return _choices(where, adapter, value, field)
-    return Fixed(_check_value(where, adapter, _tuple(value, field)))
-
-
-def _tuple(value: Any, field: Any) -> Any:
-    return tuple(value) if isinstance(value, list) and _is_sequence_field(field) else value
-
-
-def _choices(where: _Where, adapter: TypeAdapter, values: Any, field: Any) -> Choices:
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{where}: choices must be a non-empty list, got {values!r}")
-    checked = tuple(_check_value(where, adapter, _tuple(v, field)) for v in values)
-    if len(set(map(_encode, checked))) != len(checked):
-        raise ConfigError(f"{where}: choices contain duplicates: {values!r}")
-    return Choices(checked)
-
-
-def _range(where: _Where, adapter: TypeAdapter, spec: dict[str, Any], field: Any) -> Range:
-    integer = _is_integer_field(field)
-    if integer is None:
-        raise ConfigError(f"{where}: a range needs an int or float parameter; give a list of choices instead")
-    low, high = spec["low"], spec["high"]
-    log, step = spec.get("log", False), spec.get("step")
-    for label, bound in (("low", low), ("high", high)):
-        if isinstance(bound, bool) or not isinstance(bound, int if integer else (int, float)):
-            kind = "an integer" if integer else "a number"
-            raise ConfigError(f"{where.sub(label)}: must be {kind}, got {bound!r}")
-        _check_value(where.sub(label), adapter, float(bound) if not integer else bound)
-    if low >= high:
-        raise ConfigError(f"{where}: low ({low}) must be smaller than high ({high})")
-    if not isinstance(log, bool):
-        raise ConfigError(f"{where.sub('log')}: must be true or false, got {log!r}")
-    if log and low <= 0:
-        raise ConfigError(f"{where}: a log range needs low > 0, got {low}")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int | float) or step <= 0):
-        raise ConfigError(f"{where.sub('step')}: must be a positive number, got {step!r}")
-    if step is not None and log:
-        raise ConfigError(f"{where}: step and log cannot be combined")
-    return Range(low=low, high=high, log=log, step=step, integer=integer)
-
-
-def _encode(value: Any) -> Any:
-    """Optuna's categorical choices must be scalars: encode lists and tuples as JSON text."""
-    return json.dumps(list(value)) if isinstance(value, tuple | list) else value
-
-
-def _decode(value: Any) -> Any:
-    return tuple(json.loads(value)) if isinstance(value, str) and value.startswith("[") else value
-
-
-def suggest(trial: Any, space: Space) -> tuple[str, dict[str, Any]]:
-    """Ask ``trial`` (an ``optuna.trial.Trial``) for a backend and its parameters, define-by-run.
-
-    Parameters are named ``<backend>.<field>`` so each backend's distributions stay separate.
-    Fixed values are not suggested; they are filled in here.
-    """
-    names = list(space.backends)
-    backend = trial.suggest_categorical("backend", names)
-    params: dict[str, Any] = {}
-    for key, param in space.backends[backend].items():
-        label = f"{backend}.{key}"
-        if isinstance(param, Fixed):
-            params[key] = param.value
-        elif isinstance(param, Choices):
-            params[key] = _decode(trial.suggest_categorical(label, [_encode(v) for v in param.values]))
-        elif param.integer:
-            params[key] = trial.suggest_int(label, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
-        else:
-            params[key] = trial.suggest_float(label, float(param.low), float(param.high), step=param.step, log=param.log)
-    return backend, params
-
-
-def config_for(backend: str, params: dict[str, Any]) -> Any:
-    """Build the backend's validated config from suggested ``params``.
-
-    Raises:
-        ConfigError: when the combination is rejected by the config's own checks.
-    """
-    from sweeper.backends import get_backend
-
-    config_cls = get_backend(backend).Config
-    try:
-        return config_cls.model_validate(params)
-    except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"backend '{backend}' rejects {params}: {detail}") from None

@@ -52,6 +52,10 @@ class TrialSpec:
     artifact_dir: str
     target: str = "default"
     device: str = "cpu"
+    # Cheap-first evaluation: score this share of the evaluation split first, and stop (pruned)
+    # when its drop, in the metric's units, exceeds prune_above_drop.
+    early_stop_fraction: float | None = None
+    prune_above_drop: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +91,9 @@ class TrialResult:
     environment: Environment | None = None
     accuracy_fp32: float | None = None
     accuracy: float | None = None
+    subset_accuracy: float | None = None
+    subset_accuracy_fp32: float | None = None
+    subset_samples: int | None = None
     agreement: float | None = None
     output_max_abs_error: float | None = None
     latency: LatencyStats | None = None

@@ -16,8 +16,11 @@ from typing import Any
 
 from sweeper import results
 from sweeper.errors import ConfigError, SweeperInputError
+from sweeper.exclusion import study_rankings, warm_start_ladder
+from sweeper.params import Fixed, Range
 from sweeper.rows import INTERRUPTED, counts_toward_budget, failed_result, make_row
-from sweeper.space import Fixed, Range, Space, config_for, suggest
+from sweeper.sampling import config_for, suggest
+from sweeper.space import Space
 from sweeper.spec import MeasureSettings, TaskRef, TrialResult, TrialSpec
 from sweeper.task import find_task_file
 
@@ -77,6 +80,7 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
         connect(options.address, env=runtime_env(task_path.parent) if options.address else None, debug=options.debug)
         info = _study_info(study_dir, space, task_ref, options)
         _check_against_task(space, info)
+        rankings = study_rankings(space, task_ref, study_dir, dict(_first_params(space)), emit)
     except SweeperInputError:
         if created:
             shutil.rmtree(study_dir, ignore_errors=True)
@@ -100,8 +104,13 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     study = optuna.create_study(
         study_name=study_name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
     )
-    ctx = _Context(space=space, study_name=study_name, study_dir=study_dir, task_ref=task_ref, info=info, emit=emit)
+    ctx = _Context(space=space, study_name=study_name, study_dir=study_dir, task_ref=task_ref, info=info,
+                   emit=emit, rankings=rankings)
     _recover_interrupted(study, ctx)
+    if not study.trials:
+        for backend, spec in space.exclusions.items():
+            for params in warm_start_ladder(backend, spec):
+                study.enqueue_trial(params)
     done = sum(1 for r in _existing_rows(study_dir) if counts_toward_budget(r))
     remaining = max(0, n_trials - done)
     max_concurrent = options.max_concurrent or space.max_concurrent
@@ -121,6 +130,17 @@ class _Context:
     task_ref: TaskRef
     info: dict[str, Any]
     emit: EventHandler
+    rankings: dict[str, list[str]]
+
+    def prune_above_drop(self) -> float | None:
+        """The subset drop (metric units) beyond which a trial is pruned, if early stopping is on."""
+        early = self.space.early_stop
+        if early is None:
+            return None
+        limit = self.space.constraint.max_drop + early.margin
+        if self.space.constraint.mode == "relative":
+            limit = limit / 100.0 * abs(self.info["baseline"]["metric"])
+        return limit
 
     def spec(self, trial_number: int, backend: str, params: dict[str, Any]) -> TrialSpec:
         target = self.space.backend_targets.get(backend, next(iter(self.space.targets)))
@@ -135,6 +155,8 @@ class _Context:
             artifact_dir=str(self.study_dir / "artifacts" / f"trial-{trial_number:06d}"),
             target=target,
             device="cuda" if self.space.targets[target].kind == "gpu" else "cpu",
+            early_stop_fraction=self.space.early_stop.fraction if self.space.early_stop else None,
+            prune_above_drop=self.prune_above_drop(),
         )
 
     def record(self, study: Any, trial: Any, spec: TrialSpec, result: TrialResult) -> dict[str, Any]:
@@ -147,7 +169,7 @@ class _Context:
             trial.set_constraint("accuracy_drop", row["accuracy_drop"] - self.space.constraint.max_drop)
             study.tell(trial, row[self.space.objective])
         else:
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.PRUNED if row["state"] == "pruned" else TrialState.FAIL)
         self.emit("finished", row)
         return row
 
@@ -162,7 +184,7 @@ def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int) -> int
             while asked < remaining and dispatcher.has_room():
                 trial = study.ask()
                 asked += 1
-                backend, params = suggest(trial, ctx.space)
+                backend, params = suggest(trial, ctx.space, ctx.rankings)
                 spec = ctx.spec(trial.number, backend, params)
                 try:
                     config_for(backend, params)
@@ -263,7 +285,7 @@ def _study_info(study_dir: Path, space: Space, task_ref: TaskRef, options: Sweep
     remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
     measure = MeasureSettings(**space.measure.model_dump())
     try:
-        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus, _preflight_params(space)))
+        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus, _first_params(space)))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, Exception) else exc
         if isinstance(cause, SweeperInputError):
@@ -285,10 +307,11 @@ def _study_info(study_dir: Path, space: Space, task_ref: TaskRef, options: Sweep
     return info
 
 
-def _preflight_params(space: Space) -> list[tuple[str, dict[str, Any]]]:
-    """One config per backend for its preflight check: each parameter's first value.
+def _first_params(space: Space) -> list[tuple[str, dict[str, Any]]]:
+    """One config per backend: each parameter's first value (fixed value, first choice, low end).
 
-    A backend whose first values do not make a valid config is left to its trials.
+    Used for the preflight checks and as the configuration a sensitivity ranking is measured
+    with. A backend whose first values do not make a valid config is left to its trials.
     """
     pairs = []
     for backend, params in space.backends.items():

@@ -87,7 +87,7 @@ def baseline_summary(
     """
     from sweeper.backends import BuildContext, get_backend
     from sweeper.cache import cache_dir
-    from sweeper.space import config_for
+    from sweeper.sampling import config_for
 
     _set_threads(num_threads)
     baseline = prepare_baseline(task_ref, measure.eval_batch_size)
@@ -116,7 +116,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     try:
         _set_threads(spec.num_threads)
         measured["environment"] = dataclasses.replace(environment(), device=spec.device)
-        _build_and_measure(spec, measured)
+        state = _build_and_measure(spec, measured)
     except Exception as exc:  # the trial failed; the sweep goes on and the row records why
         tb = traceback.format_exc(limit=-6)
         return TrialResult(
@@ -126,15 +126,16 @@ def run_trial(spec: TrialSpec) -> TrialResult:
             error=f"{type(exc).__name__}: {exc}\n{tb}",
             **measured,
         )
-    return TrialResult(state="complete", started_at=started, finished_at=time.time(), **measured)
+    return TrialResult(state=state, started_at=started, finished_at=time.time(), **measured)
 
 
-def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> None:
+def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> str:
+    """Build, evaluate (cheap-first when asked) and time the candidate; return the trial's state."""
     from sweeper.backends import BuildContext, get_backend
     from sweeper.backends._torch import TorchCandidate
     from sweeper.cache import cache_dir
     from sweeper.measure import agreement_pct, max_abs_error, time_interleaved
-    from sweeper.space import config_for
+    from sweeper.sampling import config_for
 
     baseline = prepare_baseline(spec.task, spec.measure.eval_batch_size)
     task = baseline.task
@@ -155,7 +156,9 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> None:
         measured["artifact_path"] = str(artifact)
         measured["size_bytes"] = candidate.size_bytes()
 
-        outputs, _ = evaluate(candidate.predict, task, spec.measure.eval_batch_size)
+        outputs = _evaluate_cheap_first(candidate, baseline, spec, measured)
+        if outputs is None:
+            return "pruned"
         measured["accuracy"] = task.metric(outputs, baseline.labels)
         measured["agreement"] = agreement_pct(baseline.outputs, outputs)
         measured["output_max_abs_error"] = max_abs_error(baseline.outputs, outputs)
@@ -169,6 +172,34 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> None:
         )
         measured["latency"] = cand_stats
         measured["baseline_latency"] = base_stats
+    return "complete"
+
+
+def _evaluate_cheap_first(candidate: Any, baseline: Baseline, spec: TrialSpec, measured: dict[str, Any]) -> np.ndarray | None:
+    """Evaluate on the whole split; with early stopping, score the first share before the rest.
+
+    Returns ``None`` (and records the subset's figures) when the subset's drop already exceeds
+    ``spec.prune_above_drop``.
+    """
+    from sweeper.measure import accuracy_drop
+
+    task, labels = baseline.task, baseline.labels
+    fraction = spec.early_stop_fraction
+    n_subset = max(1, int(len(labels) * fraction)) if fraction else None
+    outputs: list[np.ndarray] = []
+    seen = 0
+    for batch, _ in task.eval_batches(spec.measure.eval_batch_size):
+        outputs.append(np.asarray(candidate.predict(batch), dtype=np.float32))
+        seen += len(outputs[-1])
+        if n_subset is not None and seen >= n_subset:
+            subset = np.concatenate(outputs)[:n_subset]
+            cand = task.metric(subset, labels[:n_subset])
+            fp32 = task.metric(baseline.outputs[:n_subset], labels[:n_subset])
+            measured |= {"subset_accuracy": cand, "subset_accuracy_fp32": fp32, "subset_samples": n_subset}
+            if accuracy_drop(fp32, cand, higher_is_better=task.higher_is_better) > spec.prune_above_drop:
+                return None
+            n_subset = None
+    return np.concatenate(outputs)
 
 
 def _set_threads(num_threads: int) -> None:

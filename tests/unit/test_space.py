@@ -7,7 +7,9 @@ import optuna
 import pytest
 
 from sweeper.errors import ConfigError
-from sweeper.space import Choices, Fixed, Range, config_for, load_space, suggest
+from sweeper.params import Choices, Fixed, Range
+from sweeper.sampling import config_for, suggest
+from sweeper.space import load_space
 
 BASE = """
 task: digits_cnn

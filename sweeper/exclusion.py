@@ -1,0 +1,184 @@
+"""Layer exclusion as a searched dimension.
+
+A backend that can leave layers in float names the config field that lists them
+(``Backend.exclusion_field``). In a space file its block may carry an ``exclude`` key::
+
+    onnxruntime_static_int8:
+      calibration_method: [minmax, entropy]
+      exclude:
+        top_k: {low: 0, high: 6}   # leave the k most sensitive layers in float, k searched
+        per_layer: 4               # and/or switch each of the 4 most sensitive on or off
+
+Sensitivity (:mod:`sweeper.sensitivity`) ranks the layers once per study; a trial's excluded
+layers are the top ``k`` of that ranking plus the per-layer picks, in ranking order. The same
+layer names appear in the sensitivity table, the config and the rows (``excluded_layers``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sweeper.errors import ConfigError
+from sweeper.params import Choices, Fixed, Range
+
+
+class _ExcludeBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    top_k: int | list[int] | dict[str, int | bool] = 0
+    per_layer: int = Field(default=0, ge=0, le=12)
+
+
+@dataclass(frozen=True)
+class ExclusionSpec:
+    """How a backend's excluded layers are searched."""
+
+    top_k: Fixed | Choices | Range
+    per_layer: int
+
+    @property
+    def max_top_k(self) -> int:
+        if isinstance(self.top_k, Fixed):
+            return int(self.top_k.value)
+        if isinstance(self.top_k, Choices):
+            return int(max(self.top_k.values))
+        return int(self.top_k.high)
+
+    @property
+    def candidates(self) -> int:
+        """How many of the most sensitive layers a trial may exclude."""
+        return max(self.max_top_k, self.per_layer)
+
+
+def parse_exclusion(path: Path, backend: str, raw: Any) -> ExclusionSpec:
+    """Validate a backend block's ``exclude`` key."""
+    from sweeper.backends import BACKENDS, get_backend
+
+    where = f"{path}: key 'backends.{backend}.exclude'"
+    if get_backend(backend).exclusion_field is None:
+        able = [n for n in BACKENDS if _can_exclude(n)]
+        raise ConfigError(
+            f"{where}: backend '{backend}' cannot leave layers in float; backends that can: {', '.join(able)}"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping with top_k and/or per_layer, got {raw!r}")
+    try:
+        block = _ExcludeBlock.model_validate(raw)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{where}: {detail}. Allowed keys: top_k (an int, a list, or {{low, high}}), per_layer (0..12)") from None
+    top_k = _top_k(where, block.top_k)
+    spec = ExclusionSpec(top_k=top_k, per_layer=block.per_layer)
+    if spec.candidates == 0:
+        raise ConfigError(f"{where}: excludes nothing; give top_k above 0 or per_layer above 0")
+    return spec
+
+
+def _can_exclude(name: str) -> bool:
+    from sweeper.backends import get_backend
+
+    try:
+        return get_backend(name).exclusion_field is not None
+    except ImportError:
+        return False
+
+
+def _top_k(where: str, value: Any) -> Fixed | Choices | Range:
+    if isinstance(value, int):
+        values = [value]
+        result: Fixed | Choices | Range = Fixed(value)
+    elif isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{where}.top_k: choices must be a non-empty list")
+        values = value
+        result = Choices(tuple(value))
+    else:
+        if set(value) != {"low", "high"}:
+            raise ConfigError(f"{where}.top_k: a range is {{low: K1, high: K2}}, got keys {sorted(value)}")
+        low, high = value["low"], value["high"]
+        if low >= high:
+            raise ConfigError(f"{where}.top_k: low ({low}) must be smaller than high ({high})")
+        values = [low, high]
+        result = Range(low=low, high=high, integer=True)
+    if any(isinstance(v, bool) or v < 0 for v in values):
+        raise ConfigError(f"{where}.top_k: layer counts must be integers >= 0, got {value!r}")
+    return result
+
+
+def suggest_excluded(trial: Any, backend: str, spec: ExclusionSpec, ranking: list[str]) -> tuple[str, ...]:
+    """Ask ``trial`` which layers to leave in float, from the sensitivity ``ranking`` (most first)."""
+    label = f"{backend}.exclude_top_k"
+    top_k = spec.top_k
+    if isinstance(top_k, Fixed):
+        k = int(top_k.value)
+    elif isinstance(top_k, Choices):
+        k = int(trial.suggest_categorical(label, list(top_k.values)))
+    else:
+        k = trial.suggest_int(label, int(top_k.low), int(top_k.high))
+    chosen = set(ranking[:k])
+    for layer in ranking[: spec.per_layer]:
+        if trial.suggest_categorical(f"{backend}.exclude.{layer}", [False, True]):
+            chosen.add(layer)
+    return tuple(layer for layer in ranking if layer in chosen)
+
+
+def warm_start_ladder(backend: str, spec: ExclusionSpec) -> list[dict[str, Any]]:
+    """Trials to enqueue first: no exclusion, then the top 1, 2, 4, ... most sensitive layers."""
+    if not isinstance(spec.top_k, Range):
+        return []
+    ladder, k = [int(spec.top_k.low)], 1
+    while k <= spec.top_k.high:
+        if k > spec.top_k.low:
+            ladder.append(k)
+        k *= 2
+    return [{"backend": backend, f"{backend}.exclude_top_k": k} for k in dict.fromkeys(ladder)]
+
+
+def study_rankings(
+    space: Any, task_ref: Any, study_dir: Path, base_params: dict[str, dict[str, Any]], emit: Any
+) -> dict[str, list[str]]:
+    """The sensitivity ranking of every backend that searches exclusion, for one study.
+
+    The study's ``sensitivity.parquet`` is read when it exists (a resumed study keeps its ranking);
+    otherwise each backend's layers are scored on the cluster (see :mod:`sweeper.sensitivity`,
+    cached per machine) with ``base_params[backend]`` and the tables are written there.
+
+    Raises:
+        ConfigError: when a ``top_k`` or ``per_layer`` asks for more layers than the model has.
+    """
+    import pandas as pd
+
+    from sweeper.backends import get_backend
+    from sweeper.sensitivity import ranking, run_sensitivity
+
+    if not space.exclusions:
+        return {}
+    path = study_dir / "sensitivity.parquet"
+    if path.is_file():
+        table = pd.read_parquet(path)
+        return {b: ranking(table[table["backend"] == b]) for b in space.exclusions}
+    tables = []
+    for backend, spec in space.exclusions.items():
+        target = space.target_of(backend)
+        params = {k: v for k, v in base_params[backend].items() if k != get_backend(backend).exclusion_field}
+        table = run_sensitivity(
+            task_ref, backend, params,
+            ray_options=target.ray_options(), num_threads=target.num_cpus,
+            eval_batch_size=space.measure.eval_batch_size,
+            on_progress=lambda done, total, b=backend: emit("sensitivity", {"backend": b, "done": done, "total": total}),
+        )
+        if spec.candidates > len(table):
+            raise ConfigError(
+                f"{space.path}: key 'backends.{backend}.exclude': asks for up to {spec.candidates} layers, "
+                f"but the model has {len(table)} quantizable layers for '{backend}'; allowed: 0..{len(table)}"
+            )
+        tables.append(table)
+    combined = pd.concat(tables, ignore_index=True)
+    tmp = path.with_suffix(".tmp")
+    combined.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return {b: ranking(combined[combined["backend"] == b]) for b in space.exclusions}

@@ -1,0 +1,79 @@
+"""Live progress of a sweep on the terminal (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+
+class SweepProgress:
+    """A live progress bar: trials done / running / failed / pruned and the best feasible so far.
+
+    Sensitivity scoring before the trials gets a bar of its own.
+    """
+
+    def __init__(self, console: Console, objective: str) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = console
+        self.objective = objective
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.task_id: Any = None
+        self.running = self.failed = self.complete = self.pruned = 0
+        self.sensitivity: dict[str, Any] = {}
+        self.best: float | None = None
+        self.best_desc = "none yet"
+
+    def __enter__(self) -> SweepProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "start":
+            self.console.print(
+                f"Study '{data['study']}' in {data['study_dir']}: FP32 metric {data['accuracy_fp32']:.2f}, "
+                f"{data['done']} trials already done, {data['trials']} to run, {data['max_concurrent']} at a time"
+            )
+            self.task_id = self.progress.add_task(data["study"], total=data["trials"], status="")
+        elif kind == "sensitivity":
+            backend = data["backend"]
+            if backend not in self.sensitivity:
+                self.sensitivity[backend] = self.progress.add_task(f"sensitivity {backend}", total=data["total"], status="layers scored")
+            self.progress.update(self.sensitivity[backend], completed=data["done"], total=data["total"])
+        elif kind == "started":
+            self.running += 1
+        elif kind == "finished":
+            self.running = max(0, self.running - 1)
+            if data["state"] == "complete":
+                self.complete += 1
+                value = data.get(self.objective)
+                if data.get("feasible") and value is not None and (self.best is None or value < self.best):
+                    self.best = value
+                    self.best_desc = f"{value:.3f} ({data['backend']}, trial {data['trial_number']})"
+            elif data["state"] == "pruned":
+                self.pruned += 1
+            else:
+                self.failed += 1
+            if self.task_id is not None:
+                self.progress.advance(self.task_id)
+        if self.task_id is not None:
+            self.progress.update(
+                self.task_id,
+                status=(
+                    f"running {self.running}  failed {self.failed}  pruned {self.pruned}  "
+                    f"best feasible {self.objective}: {self.best_desc}"
+                ),
+            )

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from sweeper.errors import ConfigError
+from sweeper.exclusion import suggest_excluded, warm_start_ladder
+from sweeper.params import Choices, Fixed, Range
+from sweeper.sampling import suggest
+from sweeper.sensitivity import output_error, sqnr_db
+from sweeper.space import load_space
+
+BASE = "task: digits_cnn\nconstraint: {max_drop: 1.0}\nbackends:\n"
+
+
+def _space(tmp_path: Path, backends: str, extra: str = "") -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(BASE + textwrap.indent(textwrap.dedent(backends), "  ") + extra)
+    return path
+
+
+def test_exclude_block_is_parsed(tmp_path: Path) -> None:
+    space = load_space(_space(tmp_path, """
+        onnxruntime_static_int8:
+          calibration_method: [minmax, entropy]
+          exclude: {top_k: {low: 0, high: 5}, per_layer: 3}
+    """, extra="early_stop: {fraction: 0.3, margin: 1.5}\n"))
+    spec = space.exclusions["onnxruntime_static_int8"]
+    assert spec.top_k == Range(low=0, high=5, integer=True) and spec.per_layer == 3 and spec.candidates == 5
+    assert "exclude" not in space.backends["onnxruntime_static_int8"]
+    assert space.early_stop.fraction == 0.3 and space.early_stop.margin == 1.5
+
+
+@pytest.mark.parametrize(
+    "block,expected",
+    [
+        ("torch_dynamic_int8: {exclude: {top_k: 2}}", "cannot leave layers in float; backends that can: onnxruntime_static_int8"),
+        ("onnxruntime_static_int8: {exclude: {top_k: {low: 4, high: 2}}}", "low (4) must be smaller than high (2)"),
+        ("onnxruntime_static_int8: {exclude: {top_k: [1, -2]}}", "integers >= 0"),
+        ("onnxruntime_static_int8: {exclude: {top_k: 0}}", "excludes nothing"),
+        ("onnxruntime_static_int8: {exclude: {per_layer: 40}}", "per_layer"),
+        ("onnxruntime_static_int8: {exclude: {top: 2}}", "Allowed keys: top_k"),
+        ("onnxruntime_static_int8: {exclude: 3}", "must be a mapping"),
+        ("onnxruntime_static_int8: {exclude: {top_k: 2}, nodes_to_exclude: {value: [a]}}", "not both"),
+    ],
+)
+def test_bad_exclude_blocks(tmp_path: Path, block: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_space(_space(tmp_path, block + "\n"))
+    assert expected in str(info.value)
+    assert "exclude" in str(info.value) or "nodes_to_exclude" in str(info.value)
+
+
+def test_bad_early_stop(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="early_stop.fraction"):
+        load_space(_space(tmp_path, "onnxruntime_fp32: {}\n", extra="early_stop: {fraction: 1.5}\n"))
+
+
+RANKING = ["conv1", "fc2", "conv2", "fc1", "conv3"]
+
+
+def test_suggested_exclusion_follows_the_ranking(tmp_path: Path) -> None:
+    from sweeper.exclusion import ExclusionSpec
+
+    spec = ExclusionSpec(top_k=Range(low=0, high=3, integer=True), per_layer=4)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        layers = suggest_excluded(trial, "b", spec, RANKING)
+        k = trial.params["b.exclude_top_k"]
+        picks = {layer for layer in RANKING[:4] if trial.params[f"b.exclude.{layer}"]}
+        assert set(layers) == set(RANKING[:k]) | picks
+        assert list(layers) == [layer for layer in RANKING if layer in layers], "ranking order"
+        seen.add(layers)
+        study.tell(trial, 0.0)
+    assert len(seen) > 5
+
+
+def test_fixed_and_choice_top_k() -> None:
+    from sweeper.exclusion import ExclusionSpec
+
+    study = optuna.create_study()
+    trial = study.ask()
+    assert suggest_excluded(trial, "b", ExclusionSpec(top_k=Fixed(2), per_layer=0), RANKING) == ("conv1", "fc2")
+    assert "b.exclude_top_k" not in trial.params
+    trial = study.ask()
+    layers = suggest_excluded(trial, "b", ExclusionSpec(top_k=Choices((0, 4)), per_layer=0), RANKING)
+    assert layers in {(), tuple(RANKING[:4])}
+
+
+def test_warm_start_ladder() -> None:
+    from sweeper.exclusion import ExclusionSpec
+
+    ladder = warm_start_ladder("b", ExclusionSpec(top_k=Range(low=0, high=6, integer=True), per_layer=0))
+    assert [p["b.exclude_top_k"] for p in ladder] == [0, 1, 2, 4]
+    assert all(p["backend"] == "b" for p in ladder)
+    assert warm_start_ladder("b", ExclusionSpec(top_k=Fixed(2), per_layer=2)) == []
+
+
+def test_suggest_fills_the_exclusion_field(tmp_path: Path) -> None:
+    space = load_space(_space(tmp_path, "onnxruntime_static_int8: {exclude: {top_k: {low: 1, high: 2}}}\n"))
+    study = optuna.create_study()
+    backend, params = suggest(study.ask(), space, {"onnxruntime_static_int8": RANKING})
+    assert backend == "onnxruntime_static_int8"
+    assert params["nodes_to_exclude"] in {("conv1",), ("conv1", "fc2")}
+    with pytest.raises(ValueError, match="no sensitivity ranking"):
+        suggest(study.ask(), space, None)
+
+
+def test_output_error_and_sqnr() -> None:
+    ref = np.array([[3.0, 4.0]])
+    assert output_error(ref, ref) == 0.0 and sqnr_db(0.0) == float("inf")
+    assert output_error(ref, np.array([[3.0, 3.0]])) == pytest.approx(1 / 25)
+    assert sqnr_db(1 / 100) == pytest.approx(20.0)
