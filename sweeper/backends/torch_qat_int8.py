@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
-from sweeper.backends._base import Backend, BuildContext
+from sweeper.backends._base import Backend, BackendConfig, BuildContext
 from sweeper.backends._jit import TorchScriptCandidate, example_args, load_torchscript, trace
 from sweeper.backends._torch import quiet_torch_quantization, torch_unavailable_reason
 from sweeper.backends._torch_ao import (
@@ -77,9 +77,11 @@ class TorchQatInt8(Backend):
     def unavailable_reason(self) -> str | None:
         return torch_unavailable_reason()
 
-    def quantizable_layers(self, model: torch.nn.Module) -> list[tuple[str, str]]:
+    exclusion_field: ClassVar[str] = "excluded_layers"
+
+    def quantizable_layers(self, ctx: BuildContext, config: BackendConfig) -> list[tuple[str, str]]:
         """Return ``(module name, type name)`` of the layers ``excluded_layers`` may name."""
-        return quantizable_layers(model)
+        return quantizable_layers(ctx.model)
 
     def preflight(self, ctx: BuildContext, config: TorchQatInt8Config) -> None:  # type: ignore[override]
         """Check that the task has a training split and its model a layer to quantize."""

@@ -148,14 +148,18 @@ def _ctx(task: Task, model: Any, tmp_path: Path) -> BuildContext:
 
 
 @pytest.mark.parametrize("name", ["torch_static_int8", "torch_qat_int8"])
-def test_quantizable_layers_are_the_conv_and_linear_modules_in_call_order(name: str) -> None:
-    _, model = _digits()
-    assert get_backend(name).quantizable_layers(model) == DIGITS_LAYERS
+def test_quantizable_layers_are_the_conv_and_linear_modules_in_call_order(name: str, tmp_path: Path) -> None:
+    task, model = _digits()
+    backend = get_backend(name)
+    assert backend.exclusion_field == "excluded_layers"
+    assert backend.quantizable_layers(_ctx(task, model, tmp_path), backend.Config()) == DIGITS_LAYERS
 
 
-def test_a_recurrent_model_offers_only_its_linear_head() -> None:
+def test_a_recurrent_model_offers_only_its_linear_head(tmp_path: Path) -> None:
     task = load_task(str(ROOT / "tasks" / "mnist1d_gru.py"))
-    assert get_backend("torch_static_int8").quantizable_layers(task.build_model()) == [("head", "Linear")]
+    backend = get_backend("torch_static_int8")
+    ctx = _ctx(task, task.build_model(), tmp_path)
+    assert backend.quantizable_layers(ctx, backend.Config()) == [("head", "Linear")]
 
 
 @pytest.mark.parametrize("name", ["torch_static_int8", "torch_qat_int8"])
