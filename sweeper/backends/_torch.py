@@ -55,16 +55,29 @@ class TorchCandidate(Candidate):
         self.input_names = input_names
         self.num_threads = num_threads
 
+    device = "cpu"
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """One input as the tensor the module takes (subclasses move or cast it)."""
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+    def _forward_context(self) -> contextlib.AbstractContextManager:
+        """What the forward pass runs under besides inference mode (subclasses add autocast)."""
+        return contextlib.nullcontext()
+
     def predict(self, batch: Batch) -> np.ndarray:
         import torch
 
-        if torch.get_num_threads() != self.num_threads:
+        if self.device == "cpu" and torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)
-        inputs = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in self.input_names]
-        with torch.inference_mode():
+        inputs = [self._tensor(batch[name]) for name in self.input_names]
+        with torch.inference_mode(), self._forward_context():
             output = self.module(*inputs)
         if isinstance(output, tuple | list):
             output = output[0]
+        # .cpu() waits for the device, so a timed predict() includes a GPU's work.
         return output.detach().float().cpu().numpy()
 
     def _write(self, directory: Path) -> Path:

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._base import BuildContext, Candidate
-from sweeper.backends._torch import STATE_DICT_FILE, load_state_dict, quiet_torch_quantization
-from sweeper.task import Batch
+from sweeper.backends._base import BuildContext
+from sweeper.backends._torch import TorchCandidate, load_state_dict
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +38,7 @@ def cuda_device(ctx: BuildContext) -> str:
     return ctx.device if ctx.device.startswith("cuda") else "cuda"
 
 
-class DeviceTorchCandidate(Candidate):
+class DeviceTorchCandidate(TorchCandidate):
     """A PyTorch module run on a device, optionally in half precision or under autocast.
 
     Its artifact is the module's state dict (``state_dict.pt``); the backend that built it
@@ -84,31 +83,12 @@ class DeviceTorchCandidate(Candidate):
             tensor = tensor.contiguous(memory_format=torch.channels_last)
         return tensor
 
-    def predict(self, batch: Batch) -> np.ndarray:
+    def _forward_context(self) -> contextlib.AbstractContextManager:
         import torch
 
-        if self.device == "cpu" and torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        inputs = [self._tensor(batch[name]) for name in self.input_names]
-        autocast = (
-            torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), autocast:
-            output = self.module(*inputs)
-        if isinstance(output, tuple | list):
-            output = output[0]
-        # .cpu() waits for the device, so a timed predict() includes the GPU's work.
-        return output.detach().float().cpu().numpy()
-
-    def _write(self, directory: Path) -> Path:
-        import torch
-
-        target = directory / STATE_DICT_FILE
-        with quiet_torch_quantization():
-            torch.save(self.module.state_dict(), target)
-        return target
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype)
 
 
 def load_module_state(module: torch.nn.Module, artifact: Path) -> torch.nn.Module:

@@ -17,12 +17,17 @@ across exclusion sets (the ONNX Runtime backend caches its ranges because ORT's 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._jit import TorchScriptCandidate, example_args, load_torchscript, trace
+from sweeper.backends._jit import (
+    TorchScriptCandidate,
+    example_args,
+    load_torchscript,
+    trace,
+)
 from sweeper.backends._torch import quiet_torch_quantization, torch_unavailable_reason
 from sweeper.backends._torch_ao import (
     Int8Config,
@@ -37,9 +42,6 @@ from sweeper.backends._torch_ao import (
     weight_observer,
 )
 from sweeper.task import check_sample_count
-
-if TYPE_CHECKING:
-    import torch
 
 Observer = Literal["minmax", "histogram", "moving_average"]
 
