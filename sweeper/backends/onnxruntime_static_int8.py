@@ -174,7 +174,9 @@ class OnnxRuntimeStaticInt8(Backend):
         cached_ranges = ctx.cache_dir / "calibration" / (
             f"{fp32.stem}-{config.calibration_method}-{config.calibration_samples}-{key}.json"
         )
-        ranges = cached_ranges if cached_ranges.is_file() else ctx.workdir / "calibration.json"
+        # On a miss ORT writes the ranges to a scratch file named like the cache entry, so a workdir
+        # shared by builds with other calibration settings never hands ORT stale ranges.
+        ranges = cached_ranges if cached_ranges.is_file() else ctx.workdir / f"calibration-{cached_ranges.name}"
         output = ctx.workdir / "model_int8.onnx"
         reader = CalibrationReader(
             ctx.task.calibration_batches(config.calibration_samples), config.calibration_samples
