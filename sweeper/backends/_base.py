@@ -118,7 +118,11 @@ class Backend(ABC):
         default exports the model when the backend starts from ONNX (the export is cached, so
         the trials reuse it) and checks nothing otherwise.
         """
-        from sweeper.backends._onnx import OnnxExportConfig, OnnxExportError, export_onnx
+        from sweeper.backends._onnx import (
+            OnnxExportConfig,
+            OnnxExportError,
+            export_onnx,
+        )
 
         if isinstance(config, OnnxExportConfig):
             try:

@@ -18,21 +18,20 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Self
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from sweeper.backends._base import BackendConfig, BuildContext, Candidate
+from sweeper.backends._base import BackendConfig, BuildContext
 from sweeper.cache import cache_key, cached_file
-from sweeper.errors import ConfigError, SweeperInputError, did_you_mean
-from sweeper.task import Batch, Task
+from sweeper.errors import ConfigError, SweeperInputError
+from sweeper.task import Task
 
 if TYPE_CHECKING:
     import onnx
-    import onnxruntime
     import torch
 
 Exporter = Literal["torchscript", "dynamo", "tf2onnx"]
@@ -54,18 +53,6 @@ TF2ONNX_MAX_OPSET = 18
 SIMPLIFIERS: dict[str, tuple[str, str]] = {
     "onnxslim": ("onnxslim", "pip install onnxslim"),
     "onnxsim": ("onnxsim", "pip install 'sweeper[onnxsim]'"),
-}
-
-# ONNX Runtime input element types, as the session reports them, to numpy dtypes.
-_ORT_DTYPES: dict[str, type[np.generic]] = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
 }
 
 # Loggers whose warnings and progress lines the exporters and ORT's quantization tools emit.
@@ -399,86 +386,3 @@ def _reason(exc: BaseException, max_lines: int = 6) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     gist = " ".join(lines[:max_lines]) + (" ..." if len(lines) > max_lines else "")
     return f"{type(exc).__name__}: {gist}"
-
-
-def onnx_unavailable_reason() -> str | None:
-    """Why the ONNX Runtime backends cannot run here (a missing package), or ``None``."""
-    import importlib.util
-
-    for package in ("torch", "onnx", "onnxruntime"):
-        if importlib.util.find_spec(package) is None:
-            return f"the '{package}' package is not installed (pip install {package})"
-    return None
-
-
-def graph_nodes(path: Path, op_types: Collection[str]) -> list[tuple[str, str]]:
-    """Return ``(name, op_type)`` of the nodes of the ONNX file ``path`` with a type in ``op_types``."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return [(node.name, node.op_type) for node in graph.node if node.op_type in op_types]
-
-
-def check_nodes_to_exclude(
-    nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str
-) -> None:
-    """Raise ``ConfigError`` naming the ``nodes_to_exclude`` that are not ``quantizable`` nodes.
-
-    ``what`` names the model in the message (task, exporter, opset).
-    """
-    known = {name for name, _ in quantizable}
-    unknown = [name for name in nodes_to_exclude if name not in known]
-    if not unknown:
-        return
-    shown = ", ".join(f"'{name}' ({op})" for name, op in quantizable[:12])
-    more = f" and {len(quantizable) - 12} more" if len(quantizable) > 12 else ""
-    hint = "".join(did_you_mean(name, known) for name in unknown[:1])
-    raise ConfigError(
-        f"nodes_to_exclude names {unknown} that are not quantizable nodes of {what}.{hint} "
-        f"Quantizable nodes: {shown or 'none'}{more}."
-    )
-
-
-def make_session(path: Path, num_threads: int) -> onnxruntime.InferenceSession:
-    """Open ``path`` on ORT's CPU provider with ``num_threads`` intra-op threads, sequential."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = num_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT warns about unused initializers and the like
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-class OnnxCandidate(Candidate):
-    """An ONNX file run by an ONNX Runtime CPU session."""
-
-    def __init__(self, path: Path, num_threads: int) -> None:
-        self.path = path
-        self.session = make_session(path, num_threads)
-        self._dtypes = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
-        self._output = self.session.get_outputs()[0].name
-
-    def predict(self, batch: Batch) -> np.ndarray:
-        try:
-            feeds = {name: np.asarray(batch[name], dtype=dtype) for name, dtype in self._dtypes.items()}
-        except KeyError:
-            raise KeyError(
-                f"the model's inputs are {sorted(self._dtypes)}; the batch has {sorted(batch)}"
-            ) from None
-        (output,) = self.session.run([self._output], feeds)
-        return np.asarray(output, dtype=np.float32)
-
-    def _write(self, directory: Path) -> Path:
-        target = directory / "model.onnx"
-        shutil.copyfile(self.path, target)
-        return target
-
-
-def load_onnx_candidate(artifact: Path, num_threads: int) -> OnnxCandidate:
-    """Open an ONNX file written by :meth:`OnnxCandidate.save`."""
-    if not artifact.is_file():
-        raise FileNotFoundError(f"no ONNX artifact at '{artifact}'")
-    return OnnxCandidate(artifact, num_threads)

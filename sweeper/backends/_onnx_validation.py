@@ -17,10 +17,12 @@ import numpy as np
 
 from sweeper.backends._base import BuildContext
 from sweeper.backends._onnx import (
-    _ORT_DTYPES,
     OnnxExportConfig,
     OnnxValidationError,
     describe_export,
+)
+from sweeper.backends._ort import (
+    ORT_DTYPES,
     make_session,
 )
 from sweeper.cache import cached_file
@@ -67,7 +69,7 @@ def measure_export_error(ctx: BuildContext, path: Path, settings: OnnxExportConf
         OnnxValidationError: when an output's shape differs from the model's.
     """
     session = make_session(path, ctx.num_threads)
-    dtypes = {i.name: _ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
     error, scale, worst = -1.0, 0.0, 0
     for batch_size in VALIDATION_BATCH_SIZES:
         batch = ctx.task.example_inputs(batch_size)

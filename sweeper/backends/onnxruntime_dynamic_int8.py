@@ -19,14 +19,16 @@ from typing import ClassVar, Literal
 
 from sweeper.backends._base import Backend, BuildContext
 from sweeper.backends._onnx import (
-    OnnxCandidate,
     OnnxExportConfig,
-    check_nodes_to_exclude,
     export_onnx,
+    quiet,
+)
+from sweeper.backends._ort import (
+    OnnxCandidate,
+    check_nodes_to_exclude,
     graph_nodes,
     load_onnx_candidate,
     onnx_unavailable_reason,
-    quiet,
 )
 
 

@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from sweeper.backends._base import Backend, BuildContext
 from sweeper.backends._onnx import (
-    OnnxCandidate,
     OnnxExportConfig,
-    check_nodes_to_exclude,
     export_onnx,
+    quiet,
+)
+from sweeper.backends._ort import (
+    OnnxCandidate,
+    check_nodes_to_exclude,
     load_onnx_candidate,
     onnx_unavailable_reason,
-    quiet,
 )
 from sweeper.cache import cache_key, cached_file
 

@@ -7,9 +7,11 @@ from typing import ClassVar
 
 from sweeper.backends._base import Backend, BuildContext
 from sweeper.backends._onnx import (
-    OnnxCandidate,
     OnnxExportConfig,
     export_onnx,
+)
+from sweeper.backends._ort import (
+    OnnxCandidate,
     load_onnx_candidate,
     onnx_unavailable_reason,
 )

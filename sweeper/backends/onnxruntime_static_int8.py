@@ -32,14 +32,16 @@ from pydantic import Field, model_validator
 
 from sweeper.backends._base import Backend, BuildContext
 from sweeper.backends._onnx import (
-    OnnxCandidate,
     OnnxExportConfig,
-    check_nodes_to_exclude,
     export_onnx,
+    quiet,
+)
+from sweeper.backends._ort import (
+    OnnxCandidate,
+    check_nodes_to_exclude,
     graph_nodes,
     load_onnx_candidate,
     onnx_unavailable_reason,
-    quiet,
 )
 from sweeper.cache import cache_key, cached_file
 from sweeper.task import Batch, check_sample_count
@@ -142,7 +144,12 @@ class OnnxRuntimeStaticInt8(Backend):
     def build(  # type: ignore[override]
         self, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config
     ) -> OnnxCandidate:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         check_sample_count(ctx.task, config.calibration_samples)
         fp32 = export_onnx(ctx, config)

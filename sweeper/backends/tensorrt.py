@@ -38,7 +38,10 @@ from pydantic import Field, model_validator
 from sweeper.backends._base import Backend, BuildContext, Candidate, Hardware
 from sweeper.backends._onnx import OnnxExportConfig, export_onnx
 from sweeper.backends._torch_device import cuda_device, cuda_unavailable_reason
-from sweeper.backends.onnxruntime_static_int8 import CalibrationMethod, OnnxRuntimeStaticInt8Config
+from sweeper.backends.onnxruntime_static_int8 import (
+    CalibrationMethod,
+    OnnxRuntimeStaticInt8Config,
+)
 from sweeper.errors import BackendUnavailableError
 from sweeper.task import Batch, Task
 

@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._torch import STATE_DICT_FILE, TorchCandidate, load_state_dict, torch_unavailable_reason
+from sweeper.backends._torch import (
+    STATE_DICT_FILE,
+    TorchCandidate,
+    load_state_dict,
+    torch_unavailable_reason,
+)
 
 if TYPE_CHECKING:
     import torch

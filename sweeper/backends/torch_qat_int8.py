@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import Field
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._jit import TorchScriptCandidate, example_args, load_torchscript, trace
+from sweeper.backends._jit import (
+    TorchScriptCandidate,
+    example_args,
+    load_torchscript,
+    trace,
+)
 from sweeper.backends._torch import quiet_torch_quantization, torch_unavailable_reason
 from sweeper.backends._torch_ao import (
     Int8Config,

@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Self
 from pydantic import model_validator
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._jit import TorchScriptCandidate, TorchScriptError, load_torchscript, quiet_jit, trace
+from sweeper.backends._jit import (
+    TorchScriptCandidate,
+    TorchScriptError,
+    load_torchscript,
+    quiet_jit,
+    trace,
+)
 from sweeper.backends._torch import torch_unavailable_reason
 
 if TYPE_CHECKING:

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sweeper.backends import BACKENDS, Backend, BackendConfig, BuildContext, Candidate, get_backend
+from sweeper.backends import (
+    BACKENDS,
+    Backend,
+    BackendConfig,
+    BuildContext,
+    Candidate,
+    get_backend,
+)
 from sweeper.task import Task, load_task
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from sweeper.measure import accuracy_drop, agreement_pct, latency_stats, max_abs_error, time_interleaved
+from sweeper.measure import (
+    accuracy_drop,
+    agreement_pct,
+    latency_stats,
+    max_abs_error,
+    time_interleaved,
+)
 from sweeper.spec import MeasureSettings
 
 

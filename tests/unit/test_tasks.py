@@ -17,7 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from sweeper.array_task import ArrayClassificationTask, ArraySplit, ArraySplits, TrainingRecipe
+from sweeper.array_task import (
+    ArrayClassificationTask,
+    ArraySplit,
+    ArraySplits,
+    TrainingRecipe,
+)
 from sweeper.errors import ConfigError, TaskError
 from sweeper.task import load_task
 
