@@ -1,0 +1,304 @@
+"""Methods (a), (b), (d) and the calibration-cache A/B of benchmark_exclusion.
+
+Every method starts from a cold sweeper cache of its own (:class:`CacheRoots`): calibration
+ranges and sensitivity tables are recomputed inside its wall time, never inherited from an earlier
+method or an earlier run. Only the trained task weights, downloaded data and the FP32 ONNX export
+are shared (linked from the user's cache / exported once up front), since every method starts
+from them alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sweeper.spec import MeasureSettings, TaskRef
+
+BACKEND = "onnxruntime_static_int8"
+# What a method's own cold cache does not inherit: the things under test.
+PRIVATE_CACHE_PARTS = ("models", "sensitivity")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """One benchmark run: the task, the budget and the fixed INT8 settings of (a), (b), (c)."""
+
+    task_ref: TaskRef
+    budget: float
+    trials: int
+    top_k: int
+    threads: int
+    quick: bool
+    calibration_method: str
+    calibration_samples: int
+    per_channel: bool
+    measure: MeasureSettings
+    cache_builds: int
+    max_concurrent: int
+    out: Path
+
+    def int8_params(self, excluded: tuple[str, ...] = ()) -> dict[str, Any]:
+        return {
+            "calibration_method": self.calibration_method, "calibration_samples": self.calibration_samples,
+            "per_channel": self.per_channel, "nodes_to_exclude": excluded,
+        }  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class Outcome:
+    """A method's final model and what it took to find it."""
+
+    method: str
+    candidate: Any = None  # something with .predict(batch)
+    accuracy: float | None = None
+    accuracy_drop: float | None = None
+    excluded: list[str] = field(default_factory=list)
+    evaluations: int | None = None
+    evaluations_note: str = ""
+    trials: int | None = None
+    pruned: int | None = None
+    wall_time_s: float | None = None
+    setup_s: float | None = None
+    error: str | None = None
+
+
+class CacheRoots:
+    """Private ``SWEEPER_CACHE_DIR`` roots under one temporary folder.
+
+    Each root links every entry of the user's cache (task weights, data) except the models and
+    sensitivity caches; its ``models/onnx`` links one folder shared by all roots, so the FP32
+    export is made once and every root starts with cold calibration and sensitivity caches.
+    """
+
+    def __init__(self, base: Path) -> None:
+        from sweeper.cache import cache_dir
+
+        self.base = base
+        self.user_root = cache_dir()
+        self.onnx = base / "shared-onnx"
+        self.onnx.mkdir(parents=True)
+
+    def fresh(self, name: str) -> Path:
+        root = self.base / name
+        root.mkdir()
+        for entry in self.user_root.iterdir():
+            if entry.name not in PRIVATE_CACHE_PARTS:
+                (root / entry.name).symlink_to(entry)
+        (root / "models").mkdir()
+        (root / "models" / "onnx").symlink_to(self.onnx)
+        return root
+
+    @staticmethod
+    @contextlib.contextmanager
+    def using(root: Path) -> Any:
+        """Point sweeper's cache (this process and Ray workers started meanwhile) at ``root``."""
+        saved = os.environ.get("SWEEPER_CACHE_DIR")
+        os.environ["SWEEPER_CACHE_DIR"] = str(root)
+        try:
+            yield root
+        finally:
+            if saved is None:
+                os.environ.pop("SWEEPER_CACHE_DIR", None)
+            else:
+                os.environ["SWEEPER_CACHE_DIR"] = saved
+
+
+class Builder:
+    """Builds and evaluates ONNX Runtime static INT8 candidates in this process."""
+
+    def __init__(self, settings: Settings, baseline: Any, scratch: Path) -> None:
+        self.settings = settings
+        self.baseline = baseline
+        self.scratch = scratch
+        self._count = 0
+
+    def build(self, params: dict[str, Any], cache_root: Path) -> Any:
+        """Build one candidate, in a workdir of its own (the backend names its ranges file
+        ``calibration.json`` in the workdir, so a reused workdir could feed it stale ranges)."""
+        from sweeper.backends import BuildContext, get_backend
+        from sweeper.sampling import config_for
+
+        self._count += 1
+        workdir = self.scratch / f"build-{self._count:04d}"
+        workdir.mkdir(parents=True)
+        ctx = BuildContext(
+            model=self.baseline.model, task=self.baseline.task, workdir=workdir,
+            cache_dir=cache_root / "models", num_threads=self.settings.threads,
+        )  # fmt: skip
+        return get_backend(BACKEND).build(ctx, config_for(BACKEND, params))
+
+    def drop(self, candidate: Any) -> tuple[float, float]:
+        """(metric, drop against the PyTorch FP32 metric) on the whole evaluation split."""
+        from sweeper.measure import accuracy_drop
+        from sweeper.trial import evaluate
+
+        task = self.baseline.task
+        outputs, labels = evaluate(candidate.predict, task, self.settings.measure.eval_batch_size)
+        metric = task.metric(outputs, labels)
+        return metric, accuracy_drop(self.baseline.metric, metric, higher_is_better=task.higher_is_better)
+
+
+def full_int8(builder: Builder, roots: CacheRoots) -> Outcome:
+    """(a) Every quantizable layer in INT8."""
+    with roots.using(roots.fresh("a-full-int8")) as root:
+        started = time.perf_counter()
+        candidate = builder.build(builder.settings.int8_params(), root)
+        metric, drop = builder.drop(candidate)
+    return Outcome(
+        method="(a) ORT static INT8, no exclusion", candidate=candidate, accuracy=metric, accuracy_drop=drop,
+        evaluations=1, evaluations_note="1 build + evaluation", wall_time_s=time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def greedy_revert(builder: Builder, roots: CacheRoots) -> tuple[Outcome, list[str]]:
+    """(b) Rank layers by sweeper's sensitivity, then leave the next most sensitive layer in
+    float until the drop is within budget. Returns the outcome and the ranking."""
+    from sweeper.measure import accuracy_drop
+    from sweeper.sensitivity import list_layers, score_layers
+
+    s = builder.settings
+    params = {k: v for k, v in s.int8_params().items() if k != "nodes_to_exclude"}
+    with roots.using(roots.fresh("b-greedy")) as root:
+        started = time.perf_counter()
+        # sweeper.sensitivity's task bodies, run here in one process (as NNCF's ranking runs).
+        info = list_layers(s.task_ref, BACKEND, params, s.measure.eval_batch_size, s.threads)
+        names = [name for name, _ in info["layers"]]
+        scored = score_layers(s.task_ref, BACKEND, params, names, names, s.measure.eval_batch_size, s.threads)
+        ranking = rank(scored, names, builder)
+        ranked_at = time.perf_counter()
+        excluded: list[str] = []
+        drop = accuracy_drop(builder.baseline.metric, info["full_metric"],
+                             higher_is_better=builder.baseline.task.higher_is_better)
+        candidate, metric, steps = None, info["full_metric"], 0
+        while drop > s.budget and len(excluded) < len(ranking):
+            excluded.append(ranking[len(excluded)])
+            candidate = builder.build(s.int8_params(tuple(excluded)), root)
+            metric, drop = builder.drop(candidate)
+            steps += 1
+        if candidate is None:  # full INT8 was already within budget
+            candidate = builder.build(s.int8_params(), root)
+        wall = time.perf_counter() - started
+    outcome = Outcome(
+        method="(b) greedy revert loop (sweeper sensitivity ranking)", candidate=candidate, accuracy=metric,
+        accuracy_drop=drop, excluded=excluded, evaluations=1 + len(names) + steps,
+        evaluations_note=f"{1 + len(names) + steps} (1 full INT8 + {len(names)} ranking + {steps} loop)",
+        wall_time_s=wall, setup_s=ranked_at - started,
+    )  # fmt: skip
+    return outcome, ranking
+
+
+def rank(scored: list[dict[str, Any]], names: list[str], builder: Builder) -> list[str]:
+    """Most sensitive first, ordered as :func:`sweeper.sensitivity.run_sensitivity` orders them."""
+    from sweeper.measure import accuracy_drop
+
+    task, fp32 = builder.baseline.task, builder.baseline.metric
+    order = {name: i for i, name in enumerate(names)}
+
+    def key(row: dict[str, Any]) -> tuple[float, float, int]:
+        drop = accuracy_drop(fp32, row["metric"], higher_is_better=task.higher_is_better)
+        return (-row["output_error"], -drop, order[row["layer"]])
+
+    return [row["layer"] for row in sorted(scored, key=key)]
+
+
+def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Path, study: str) -> Outcome:
+    """(d) ``run_sweep`` over calibration settings and ``exclude: top_k`` on an embedded Ray."""
+    from sweeper import results
+    from sweeper.backends._ort import load_onnx_candidate
+    from sweeper.space import load_space
+    from sweeper.study import SweepOptions, run_sweep
+
+    s = builder.settings
+    top_k = min(s.top_k, n_layers)
+    space_path = write_space(scratch / "exclusion-sweep.yaml", s, builder.baseline.task.calibration_size, top_k)
+    events: dict[str, float] = {}
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "start":
+            events["start"] = time.perf_counter()
+
+    with roots.using(roots.fresh("d-sweep")):
+        started = time.perf_counter()
+        options = SweepOptions(out=s.out, study=study, trials=s.trials,
+                               max_concurrent=s.max_concurrent, seed=0)  # fmt: skip
+        try:
+            summary = run_sweep(load_space(space_path), options, on_event)
+            wall = time.perf_counter() - started
+        finally:
+            # Ray is imported by run_sweep, after sweeper.cluster has set its authentication mode
+            if "ray" in sys.modules:
+                sys.modules["ray"].shutdown()
+    df = results.load(summary.study_dir)
+    pruned, failed = int(df.state.eq("pruned").sum()), int(df.state.eq("failed").sum())
+    note = f"{len(df)} trials ({pruned} pruned, {failed} failed) + {n_layers + 1} sensitivity builds"
+    outcome = Outcome(
+        method=f"(d) sweeper joint search ({s.trials} trials, top_k 0..{top_k})", trials=len(df),
+        pruned=pruned, evaluations=len(df) + n_layers + 1, evaluations_note=note,
+        wall_time_s=wall, setup_s=events.get("start", started) - started,
+    )  # fmt: skip
+    ok = df[df.state.eq("complete") & df.feasible]
+    if ok.empty:
+        outcome.error = f"no feasible trial in {len(df)}; study kept in {summary.study_dir}"
+        return outcome
+    best = ok.sort_values("latency_ms_p50").iloc[0]
+    outcome.candidate = load_onnx_candidate(Path(best.artifact_path), s.threads)
+    outcome.accuracy, outcome.accuracy_drop = builder.drop(outcome.candidate)
+    outcome.excluded = list(best.excluded_layers)
+    outcome.method += (
+        f": {best['param.calibration_method']}, {int(best['param.calibration_samples'])} samples, "
+        f"per_channel={bool(best['param.per_channel'])}"
+    )
+    return outcome
+
+
+def write_space(path: Path, s: Settings, calibration_size: int, top_k: int) -> Path:
+    """The space of (d): (a)'s settings listed first, so the sensitivity ranking uses them."""
+    methods = [s.calibration_method] + [m for m in ("minmax", "entropy", "percentile") if m != s.calibration_method]
+    samples = sorted({min(n, calibration_size) for n in (64, 128, 256)} - {s.calibration_samples})
+    samples = [s.calibration_samples, *samples]
+    channels = [s.per_channel, not s.per_channel]
+    m = s.measure
+    path.write_text(
+        f"task: {s.task_ref.path}\n"
+        f"study: exclusion\ntrials: {s.trials}\nseed: 0\nmax_concurrent: {s.max_concurrent}\n"
+        "objective: latency_ms_p50\n"
+        f"constraint: {{max_drop: {s.budget}, mode: absolute}}\n"
+        f"hardware: {{kind: cpu, num_cpus: {s.threads}}}\n"
+        f"measure: {{batch_size: {m.batch_size}, warmup_runs: {m.warmup_runs}, min_runs: {m.min_runs}, "
+        f"max_runs: {m.max_runs}, min_time_s: {m.min_time_s}, round_size: {m.round_size}, "
+        f"eval_batch_size: {m.eval_batch_size}}}\n"
+        "early_stop: {fraction: 0.25, margin: 2.0}\n"
+        f"backends:\n  {BACKEND}:\n"
+        f"    calibration_method: [{', '.join(methods)}]\n"
+        f"    calibration_samples: [{', '.join(map(str, samples))}]\n"
+        f"    per_channel: [{', '.join(str(c).lower() for c in channels)}]\n"
+        f"    exclude: {{top_k: {{low: 0, high: {top_k}}}}}\n"
+    )
+    return path
+
+
+def cache_ab(builder: Builder, roots: CacheRoots, ranking: list[str]) -> list[dict[str, Any]]:
+    """Exclusion-only builds (same calibration, different excluded sets), interleaved A/B/A/B:
+    A shares one calibration cache (warmed by one untimed build), B gets an empty one per build."""
+    s = builder.settings
+    sets = [tuple(ranking[: k % (len(ranking) + 1)]) for k in range(s.cache_builds)]
+    shared = roots.fresh("cache-shared")
+    builder.build(s.int8_params(), shared)  # warms the shared calibration cache
+    rows = []
+    for i, excluded in enumerate(sets):
+        for arm in ("shared", "empty"):
+            root = shared if arm == "shared" else roots.fresh(f"cache-empty-{i}")
+            started = time.perf_counter()
+            candidate = builder.build(s.int8_params(excluded), root)
+            built = time.perf_counter()
+            builder.drop(candidate)
+            rows.append({
+                "build_index": i, "cache": arm, "n_excluded": len(excluded), "excluded_layers": list(excluded),
+                "build_s": built - started, "build_and_evaluate_s": time.perf_counter() - started,
+            })  # fmt: skip
+    return rows
