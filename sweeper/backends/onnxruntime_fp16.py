@@ -1,7 +1,9 @@
 """ONNX Runtime FP16: the exported model converted to float16, with float32 inputs and outputs.
 
-The conversion is onnxconverter-common's ``convert_float_to_float16(keep_io_types=True)`` (ONNX
-Runtime's copy in ``onnxruntime.transformers.float16`` where onnxconverter-common is missing):
+The conversion is ONNX Runtime's ``onnxruntime.transformers.float16.convert_float_to_float16(
+keep_io_types=True)`` (onnxconverter-common's, from which it descends, where ORT's is missing;
+onnxconverter-common 1.16 breaks transformer exports whose shape-inferred ``value_info`` names a
+graph output, e.g. MiniLM, whose ``logits`` it retypes to float16):
 initializers and activations become float16, and Cast nodes at the graph's edges keep the
 interface float32, so callers pass float32 as for every other backend.
 
@@ -109,8 +111,19 @@ def convert_to_float16(source: Path, target: Path, nodes_to_exclude: tuple[str, 
     _separate_excluded_outputs(model, nodes_to_exclude)
     with quiet():  # the converter warns about every weight it clamps to float16's range
         converted = convert(model, keep_io_types=True, node_block_list=list(nodes_to_exclude))
+    _sort_topologically(converted)
     onnx.checker.check_model(converted)
     onnx.save(converted, str(target))
+
+
+def _sort_topologically(model: onnx.ModelProto) -> None:
+    """Order the nodes so each comes after its inputs' producers (ORT's converter appends the
+    input Casts at the end, which ``onnx.checker`` refuses)."""
+    try:
+        from onnxruntime.transformers.onnx_model import OnnxModel
+    except ImportError:  # onnxconverter-common's converter keeps the order
+        return
+    OnnxModel(model).topological_sort()
 
 
 def _separate_excluded_outputs(model: onnx.ModelProto, nodes_to_exclude: tuple[str, ...]) -> None:
@@ -139,9 +152,9 @@ def _separate_excluded_outputs(model: onnx.ModelProto, nodes_to_exclude: tuple[s
 
 def _converter() -> Callable[..., Any]:
     try:
-        from onnxconverter_common.float16 import convert_float_to_float16
-    except ImportError:
         from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError:
+        from onnxconverter_common.float16 import convert_float_to_float16
     return convert_float_to_float16
 
 
@@ -149,6 +162,8 @@ def _converter_version() -> str:
     import importlib.metadata
 
     try:
-        return f"onnxconverter-common {importlib.metadata.version('onnxconverter-common')}"
-    except importlib.metadata.PackageNotFoundError:
+        import onnxruntime.transformers.float16  # noqa: F401 - only its presence matters here
+
         return f"onnxruntime {importlib.metadata.version('onnxruntime')}"
+    except ImportError:
+        return f"onnxconverter-common {importlib.metadata.version('onnxconverter-common')}"

@@ -225,3 +225,19 @@ def test_mobilenet_latency_model_is_seeded_and_takes_any_batch() -> None:
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     for n in (1, 2):
         assert _forward(a, task, task.example_inputs(n)).shape == (n, 1000)
+
+
+def test_minilm_converts_to_onnx_float16(minilm: Task, tmp_path) -> None:
+    """A transformer export (int64 inputs, a Cast of the attention mask) loads and predicts in FP16."""
+    from sweeper.backends import BuildContext, get_backend
+    from sweeper.sampling import config_for
+
+    model = minilm.build_model()
+    ctx = BuildContext(model=model, task=minilm, workdir=tmp_path, cache_dir=tmp_path, num_threads=1)
+    candidate = get_backend("onnxruntime_fp16").build(ctx, config_for("onnxruntime_fp16", {}))
+    batch = minilm.example_inputs(4)
+    expected = _forward(model, minilm, batch)
+    got = candidate.predict(batch)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    assert np.array_equal(got.argmax(-1), expected.argmax(-1))
+    assert np.abs(got - expected).max() < 0.05
