@@ -152,6 +152,7 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> str:
             device=spec.device,
         )
         candidate = backend.build(ctx, config)
+        measured["environment"] = dataclasses.replace(measured["environment"], device=candidate.device)
         artifact = candidate.save(Path(spec.artifact_dir))
         measured["artifact_path"] = str(artifact)
         measured["size_bytes"] = candidate.size_bytes()

@@ -56,6 +56,8 @@ class Candidate(ABC):
     """One built candidate: it predicts, saves its artifact, and reports the artifact's size."""
 
     _artifact: Path | None = None
+    # Where predict() runs ("cpu", "cuda", "cuda:1"); recorded in the trial's row.
+    device: str = "cpu"
 
     @abstractmethod
     def predict(self, batch: Batch) -> np.ndarray:

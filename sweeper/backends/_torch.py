@@ -55,8 +55,6 @@ class TorchCandidate(Candidate):
         self.input_names = input_names
         self.num_threads = num_threads
 
-    device = "cpu"
-
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """One input as the tensor the module takes (subclasses move or cast it)."""
         import torch

@@ -39,26 +39,34 @@ def cluster() -> Iterator:
 def test_trials_land_on_the_nodes_of_their_targets(cluster, write_space, tmp_path: Path) -> None:
     small = cluster.add_node(num_cpus=1, resources={"small_node": 1})
     large = cluster.add_node(num_cpus=1, resources={"large_node": 1}, labels={"tier": "large"})
+    # A node that advertises one (logical) GPU: the GPU target's trials must land there. No CUDA
+    # exists on this machine, so the backend placed there runs its CPU path (autocast bfloat16).
+    gpu = cluster.add_node(num_cpus=1, num_gpus=1)
     space = load_space(write_space("""
         task: digits_cnn
-        trials: 6
+        trials: 8
         seed: 0
-        max_concurrent: 2
+        max_concurrent: 3
         constraint: {max_drop: 1.0}
         targets:
           small: {kind: cpu, num_cpus: 1, resources: {small_node: 1}}
           large: {kind: cpu, num_cpus: 1, labels: {tier: large}}
+          gpu: {kind: gpu, num_cpus: 1, num_gpus: 1}
         backends:
           onnxruntime_fp32: {target: small}
           torch_dynamic_int8: {target: large}
+          torch_autocast: {target: gpu, device: cpu, dtype: bfloat16}
     """))
     summary = run_sweep(space, SweepOptions(out=tmp_path / "out", address=cluster.address))
     df = results.load(summary.study_dir)
-    assert len(df) == 6 and set(df["state"]) == {"complete"}, df[["backend", "error"]].to_string()
-    expected = {"onnxruntime_fp32": small.node_id, "torch_dynamic_int8": large.node_id}
+    assert len(df) == 8 and set(df["state"]) == {"complete"}, df[["backend", "error"]].to_string()
+    assert df["backend"].nunique() == 3
+    expected = {"onnxruntime_fp32": small.node_id, "torch_dynamic_int8": large.node_id, "torch_autocast": gpu.node_id}
+    targets = {"onnxruntime_fp32": "small", "torch_dynamic_int8": "large", "torch_autocast": "gpu"}
     for row in df.itertuples():
         assert row.node_id == expected[row.backend], (row.backend, row.node_id)
-        assert row.target == {"onnxruntime_fp32": "small", "torch_dynamic_int8": "large"}[row.backend]
+        assert row.target == targets[row.backend]
+        assert row.device == "cpu", "the row names the device the candidate really ran on"
 
 
 def test_a_worker_node_killed_mid_sweep_loses_nothing(cluster, write_space, tmp_path: Path) -> None:
