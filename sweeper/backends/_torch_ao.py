@@ -21,17 +21,20 @@ Layer names are module names of the FP32 model: the Conv and Linear modules the 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import field_validator
 
-from sweeper.backends._base import BackendConfig
+from sweeper.backends._base import Backend, BackendConfig, BuildContext
 from sweeper.errors import ConfigError, SweeperInputError, did_you_mean
 from sweeper.task import Task
 
 if TYPE_CHECKING:
     import torch
     from torch.ao.quantization import QConfig
+
+    from sweeper.backends._jit import TorchScriptCandidate
 
 Engine = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 # Layer types FX static quantization turns into int8 modules with every engine here.
@@ -220,3 +223,31 @@ def _is_quantized(module: object) -> bool:
 def fp32_copy(model: torch.nn.Module, *, train: bool) -> torch.nn.Module:
     """A deep copy of the task's model (never modified in place), in train or eval mode."""
     return copy.deepcopy(model).train(train)
+
+
+class FxInt8Backend(Backend):
+    """What the FX int8 backends (static, QAT) share: availability, layer exclusion, preflight,
+    and loading the traced TorchScript artifact."""
+
+    exclusion_field: ClassVar[str] = "excluded_layers"
+
+    def unavailable_reason(self) -> str | None:
+        from sweeper.backends._torch import torch_unavailable_reason
+
+        return torch_unavailable_reason()
+
+    def quantizable_layers(self, ctx: BuildContext, config: BackendConfig) -> list[tuple[str, str]]:
+        """Return ``(module name, type name)`` of the layers ``excluded_layers`` may name."""
+        return quantizable_layers(ctx.model)
+
+    def preflight(self, ctx: BuildContext, config: BackendConfig) -> None:
+        """Check that the task's model is FX-traceable and has a layer to quantize."""
+        model_layers(ctx.model, ctx.task, self.name)
+
+    def load(  # type: ignore[override]
+        self, artifact: Path, ctx: BuildContext, config: Int8Config
+    ) -> TorchScriptCandidate:
+        from sweeper.backends._jit import load_torchscript
+
+        set_engine(config.engine, self.name)  # packed weights are re-packed for it on load
+        return load_torchscript(artifact, ctx.task, ctx.num_threads)

@@ -17,28 +17,25 @@ TorchScript, reloaded with ``torch.jit.load`` (no retraining).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext
+from sweeper.backends._base import BuildContext
 from sweeper.backends._jit import (
     TorchScriptCandidate,
     example_args,
-    load_torchscript,
     trace,
 )
-from sweeper.backends._torch import quiet_torch_quantization, torch_unavailable_reason
+from sweeper.backends._torch import quiet_torch_quantization
 from sweeper.backends._torch_ao import (
+    FxInt8Backend,
     Int8Config,
     activation_range,
     check_converted,
     check_layers,
     fp32_copy,
-    model_layers,
     qconfig_mapping,
-    quantizable_layers,
     set_engine,
     weight_observer,
 )
@@ -68,7 +65,7 @@ class TorchQatInt8Config(Int8Config):
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
 
 
-class TorchQatInt8(Backend):
+class TorchQatInt8(FxInt8Backend):
     """PyTorch FX graph mode quantization-aware training, run and saved as TorchScript."""
 
     name: ClassVar[str] = "torch_qat_int8"
@@ -79,19 +76,12 @@ class TorchQatInt8(Backend):
     # at 1e-3 falls to 91-96%: too high a learning rate for fine-tuning, which the search learns.
     min_agreement_pct: ClassVar[float] = 97.0
 
-    def unavailable_reason(self) -> str | None:
-        return torch_unavailable_reason()
 
-    exclusion_field: ClassVar[str] = "excluded_layers"
-
-    def quantizable_layers(self, ctx: BuildContext, config: BackendConfig) -> list[tuple[str, str]]:
-        """Return ``(module name, type name)`` of the layers ``excluded_layers`` may name."""
-        return quantizable_layers(ctx.model)
 
     def preflight(self, ctx: BuildContext, config: TorchQatInt8Config) -> None:  # type: ignore[override]
         """Check that the task has a training split and its model a layer to quantize."""
         self._check_training_split(ctx.task)
-        model_layers(ctx.model, ctx.task, self.name)
+        super().preflight(ctx, config)
 
     def _check_training_split(self, task: Task) -> None:
         if not task.has_training_split:
@@ -128,11 +118,6 @@ class TorchQatInt8(Backend):
         check_converted(converted, expected, self.name, ctx.task)
         return TorchScriptCandidate(trace(converted, ctx.task), ctx.task.input_names, ctx.num_threads)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: TorchQatInt8Config
-    ) -> TorchScriptCandidate:
-        set_engine(config.engine, self.name)  # packed weights are re-packed for it on load
-        return load_torchscript(artifact, ctx.task, ctx.num_threads)
 
 
 def _fine_tune(prepared: torch.nn.Module, task: Task, config: TorchQatInt8Config) -> None:

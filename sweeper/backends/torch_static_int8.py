@@ -16,28 +16,25 @@ across exclusion sets (the ONNX Runtime backend caches its ranges because ORT's 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext
+from sweeper.backends._base import BuildContext
 from sweeper.backends._jit import (
     TorchScriptCandidate,
     example_args,
-    load_torchscript,
     trace,
 )
-from sweeper.backends._torch import quiet_torch_quantization, torch_unavailable_reason
+from sweeper.backends._torch import quiet_torch_quantization
 from sweeper.backends._torch_ao import (
+    FxInt8Backend,
     Int8Config,
     activation_range,
     check_converted,
     check_layers,
     fp32_copy,
-    model_layers,
     qconfig_mapping,
-    quantizable_layers,
     set_engine,
     weight_observer,
 )
@@ -64,7 +61,7 @@ class TorchStaticInt8Config(Int8Config):
     observer: Observer = "histogram"
 
 
-class TorchStaticInt8(Backend):
+class TorchStaticInt8(FxInt8Backend):
     """PyTorch FX graph mode static int8 quantization, run and saved as TorchScript."""
 
     name: ClassVar[str] = "torch_static_int8"
@@ -74,18 +71,8 @@ class TorchStaticInt8(Backend):
     # VNNI, where 8-bit activations (qnnpack, onednn) can saturate.
     min_agreement_pct: ClassVar[float] = 97.0
 
-    def unavailable_reason(self) -> str | None:
-        return torch_unavailable_reason()
 
-    exclusion_field: ClassVar[str] = "excluded_layers"
 
-    def quantizable_layers(self, ctx: BuildContext, config: BackendConfig) -> list[tuple[str, str]]:
-        """Return ``(module name, type name)`` of the layers ``excluded_layers`` may name."""
-        return quantizable_layers(ctx.model)
-
-    def preflight(self, ctx: BuildContext, config: TorchStaticInt8Config) -> None:  # type: ignore[override]
-        """Check that the task's model is FX-traceable and has a layer to quantize."""
-        model_layers(ctx.model, ctx.task, self.name)
 
     def build(  # type: ignore[override]
         self, ctx: BuildContext, config: TorchStaticInt8Config
@@ -113,8 +100,3 @@ class TorchStaticInt8(Backend):
         check_converted(converted, expected, self.name, ctx.task)
         return TorchScriptCandidate(trace(converted, ctx.task), ctx.task.input_names, ctx.num_threads)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: TorchStaticInt8Config
-    ) -> TorchScriptCandidate:
-        set_engine(config.engine, self.name)  # packed weights are re-packed for it on load
-        return load_torchscript(artifact, ctx.task, ctx.num_threads)
