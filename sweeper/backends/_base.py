@@ -117,23 +117,8 @@ class Backend(ABC):
 
         Raises a :class:`~sweeper.errors.SweeperInputError` for a problem no trial could get
         past (a model that does not export, say); the sweep then stops before it starts. The
-        default exports the model when the backend starts from ONNX (the export is cached, so
-        the trials reuse it) and checks nothing otherwise.
+        default checks nothing.
         """
-        from sweeper.backends._onnx import (
-            OnnxExportConfig,
-            OnnxExportError,
-            export_onnx,
-        )
-
-        if isinstance(config, OnnxExportConfig):
-            try:
-                export_onnx(ctx, config)
-            except OnnxExportError as exc:
-                raise type(exc)(
-                    f"{exc}. Backend '{self.name}' starts from this export: choose another exporter "
-                    "or opset for it in the space, or remove the ONNX-based backends"
-                ) from None
 
     @abstractmethod
     def build(self, ctx: BuildContext, config: BackendConfig) -> Candidate:

@@ -386,3 +386,18 @@ def _reason(exc: BaseException, max_lines: int = 6) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     gist = " ".join(lines[:max_lines]) + (" ..." if len(lines) > max_lines else "")
     return f"{type(exc).__name__}: {gist}"
+
+
+def preflight_export(backend: str, ctx: BuildContext, config: OnnxExportConfig) -> None:
+    """Export once before any trial (cached, so the trials reuse it); name the backend on failure.
+
+    Raises:
+        OnnxExportError: when the task's model does not export with ``config``'s settings.
+    """
+    try:
+        export_onnx(ctx, config)
+    except OnnxExportError as exc:
+        raise type(exc)(
+            f"{exc}. Backend '{backend}' starts from this export: choose another exporter "
+            "or opset for it in the space, or remove the ONNX-based backends"
+        ) from None

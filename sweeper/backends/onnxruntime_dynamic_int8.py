@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from sweeper.backends._base import Backend, BuildContext
+from sweeper.backends._base import BuildContext
 from sweeper.backends._onnx import (
     OnnxExportConfig,
     export_onnx,
@@ -25,10 +25,9 @@ from sweeper.backends._onnx import (
 )
 from sweeper.backends._ort import (
     OnnxCandidate,
+    OrtBackend,
     check_nodes_to_exclude,
     graph_nodes,
-    load_onnx_candidate,
-    onnx_unavailable_reason,
 )
 
 
@@ -51,7 +50,7 @@ class OnnxRuntimeDynamicInt8Config(OnnxExportConfig):
     nodes_to_exclude: tuple[str, ...] = ()
 
 
-class OnnxRuntimeDynamicInt8(Backend):
+class OnnxRuntimeDynamicInt8(OrtBackend):
     """ONNX Runtime dynamic int8 quantization (``quantize_dynamic``) of the exported model."""
 
     name: ClassVar[str] = "onnxruntime_dynamic_int8"
@@ -61,8 +60,6 @@ class OnnxRuntimeDynamicInt8(Backend):
     # The margin allows for CPUs without VNNI, where uint8 x int8 products can saturate.
     min_agreement_pct: ClassVar[float] = 97.0
 
-    def unavailable_reason(self) -> str | None:
-        return onnx_unavailable_reason()
 
     def quantizable_nodes(self, onnx_path: Path, *, quantize_conv: bool = False) -> list[tuple[str, str]]:
         """Return ``(name, op_type)`` of the nodes ``quantize_dynamic`` may quantize in ``onnx_path``.
@@ -112,10 +109,6 @@ class OnnxRuntimeDynamicInt8(Backend):
                 ) from exc
         return OnnxCandidate(output, ctx.num_threads)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: OnnxRuntimeDynamicInt8Config
-    ) -> OnnxCandidate:
-        return load_onnx_candidate(artifact, ctx.num_threads)
 
 
 def _op_types(quantize_conv: bool) -> set[str]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sweeper.backends._base import Backend, BuildContext
+from sweeper.backends._base import BuildContext
 from sweeper.backends._onnx import (
     OnnxExportConfig,
     export_onnx,
@@ -31,9 +31,8 @@ from sweeper.backends._onnx import (
 )
 from sweeper.backends._ort import (
     OnnxCandidate,
+    OrtBackend,
     check_nodes_to_exclude,
-    load_onnx_candidate,
-    onnx_unavailable_reason,
 )
 from sweeper.cache import cache_key, cached_file
 
@@ -52,7 +51,7 @@ class OnnxRuntimeFP16Config(OnnxExportConfig):
     nodes_to_exclude: tuple[str, ...] = ()
 
 
-class OnnxRuntimeFP16(Backend):
+class OnnxRuntimeFP16(OrtBackend):
     """Export to ONNX, convert to float16 (float32 at the edges), run with ONNX Runtime."""
 
     name: ClassVar[str] = "onnxruntime_fp16"
@@ -62,8 +61,6 @@ class OnnxRuntimeFP16(Backend):
     # near-ties on other models and CPUs.
     min_agreement_pct: ClassVar[float] = 99.0
 
-    def unavailable_reason(self) -> str | None:
-        return onnx_unavailable_reason()
 
     def convertible_nodes(self, onnx_path: Path) -> list[tuple[str, str]]:
         """Return ``(name, op_type)`` of every node of the FP32 export ``onnx_path``."""
@@ -77,10 +74,6 @@ class OnnxRuntimeFP16(Backend):
     ) -> OnnxCandidate:
         return OnnxCandidate(float16_model(ctx, config, config.nodes_to_exclude), ctx.num_threads)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: OnnxRuntimeFP16Config
-    ) -> OnnxCandidate:
-        return load_onnx_candidate(artifact, ctx.num_threads)
 
 
 def float16_model(ctx: BuildContext, export: OnnxExportConfig, nodes_to_exclude: tuple[str, ...]) -> Path:

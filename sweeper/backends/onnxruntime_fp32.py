@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
-from sweeper.backends._base import Backend, BuildContext
+from sweeper.backends._base import BuildContext
 from sweeper.backends._onnx import (
     OnnxExportConfig,
     export_onnx,
 )
 from sweeper.backends._ort import (
     OnnxCandidate,
-    load_onnx_candidate,
-    onnx_unavailable_reason,
+    OrtBackend,
 )
 
 
@@ -21,7 +19,7 @@ class OnnxRuntimeFP32Config(OnnxExportConfig):
     """Only the export settings (``opset``, ``exporter``): FP32 changes nothing else."""
 
 
-class OnnxRuntimeFP32(Backend):
+class OnnxRuntimeFP32(OrtBackend):
     """Export to ONNX and run with ONNX Runtime in FP32."""
 
     name: ClassVar[str] = "onnxruntime_fp32"
@@ -30,8 +28,6 @@ class OnnxRuntimeFP32(Backend):
     # to float rounding, so at most one near-tie may flip.
     min_agreement_pct: ClassVar[float] = 99.5
 
-    def unavailable_reason(self) -> str | None:
-        return onnx_unavailable_reason()
 
     def build(  # type: ignore[override]
         self, ctx: BuildContext, config: OnnxRuntimeFP32Config
@@ -39,7 +35,3 @@ class OnnxRuntimeFP32(Backend):
         path = export_onnx(ctx, config)
         return OnnxCandidate(path, ctx.num_threads)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: OnnxRuntimeFP32Config
-    ) -> OnnxCandidate:
-        return load_onnx_candidate(artifact, ctx.num_threads)

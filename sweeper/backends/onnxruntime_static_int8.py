@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal, Self
 import numpy as np
 from pydantic import Field, model_validator
 
-from sweeper.backends._base import Backend, BuildContext
+from sweeper.backends._base import BuildContext
 from sweeper.backends._onnx import (
     OnnxExportConfig,
     export_onnx,
@@ -38,10 +38,9 @@ from sweeper.backends._onnx import (
 )
 from sweeper.backends._ort import (
     OnnxCandidate,
+    OrtBackend,
     check_nodes_to_exclude,
     graph_nodes,
-    load_onnx_candidate,
-    onnx_unavailable_reason,
 )
 from sweeper.cache import cache_key, cached_file
 from sweeper.task import Batch, check_sample_count
@@ -114,7 +113,7 @@ class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
         return self
 
 
-class OnnxRuntimeStaticInt8(Backend):
+class OnnxRuntimeStaticInt8(OrtBackend):
     """ONNX Runtime static int8 quantization (``quantize_static``) of the exported model."""
 
     name: ClassVar[str] = "onnxruntime_static_int8"
@@ -124,8 +123,6 @@ class OnnxRuntimeStaticInt8(Backend):
     # The margin allows for CPUs without VNNI, where uint8 x int8 products can saturate.
     min_agreement_pct: ClassVar[float] = 97.0
 
-    def unavailable_reason(self) -> str | None:
-        return onnx_unavailable_reason()
 
     def quantizable_nodes(self, onnx_path: Path) -> list[tuple[str, str]]:
         """Return ``(name, op_type)`` of the nodes ``quantize_static`` may quantize in ``onnx_path``.
@@ -213,10 +210,6 @@ class OnnxRuntimeStaticInt8(Backend):
             cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
         return OnnxCandidate(output, ctx.num_threads)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config
-    ) -> OnnxCandidate:
-        return load_onnx_candidate(artifact, ctx.num_threads)
 
 
 def _static_op_types() -> set[str]:

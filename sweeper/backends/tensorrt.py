@@ -200,6 +200,12 @@ class TensorRT(Backend):
     # (symmetric QDQ, minmax, per-channel); the margin is int8's.
     min_agreement_pct: ClassVar[float] = 97.0
 
+    def preflight(self, ctx: BuildContext, config: TensorRTConfig) -> None:  # type: ignore[override]
+        """Export the model before any trial (runs on a CPU too; the engine build needs the GPU)."""
+        from sweeper.backends._onnx import preflight_export
+
+        preflight_export(self.name, ctx, config)
+
     def unavailable_reason(self) -> str | None:
         import importlib.util
 
