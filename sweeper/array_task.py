@@ -106,6 +106,28 @@ class ArraySplits:
                 if len(shared):
                     raise TaskError(f"splits '{name_a}' and '{name_b}' share {len(shared)} sample ids")
 
+    @classmethod
+    def stratified(
+        cls, inputs: np.ndarray, labels: np.ndarray, *, calibration_size: int, evaluation_size: int, seed: int
+    ) -> ArraySplits:
+        """Split one labelled set three ways, each stratified by label, reproducibly with ``seed``.
+
+        The evaluation split is drawn first, then calibration from the rest; ids are row numbers.
+        ``train_test_split`` shuffles rows, so the first n calibration samples mix classes.
+        """
+        from sklearn.model_selection import train_test_split
+
+        ids = np.arange(len(labels), dtype=np.int64)
+        rest, evaluation = train_test_split(ids, test_size=evaluation_size, stratify=labels, random_state=seed)
+        train, calibration = train_test_split(
+            rest, test_size=calibration_size, stratify=labels[rest], random_state=seed
+        )
+
+        def split(rows: np.ndarray) -> ArraySplit:
+            return ArraySplit(inputs=inputs[rows], labels=labels[rows], ids=rows)
+
+        return cls(train=split(train), calibration=split(calibration), evaluation=split(evaluation))
+
     def named(self) -> dict[str, ArraySplit]:
         """Return the splits by name."""
         return {"train": self.train, "calibration": self.calibration, "evaluation": self.evaluation}

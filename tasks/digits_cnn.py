@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sweeper.array_task import ArrayClassificationTask, ArraySplit, ArraySplits, TrainingRecipe
+from sweeper.array_task import ArrayClassificationTask, ArraySplits, TrainingRecipe
 
 _SPLIT_SEED = 0
 _CALIBRATION_SIZE = 360
@@ -59,24 +59,13 @@ class DigitsCNN(ArrayClassificationTask):
 
     def make_splits(self) -> ArraySplits:
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         inputs = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
         labels = digits.target.astype(np.int64)
-        ids = np.arange(len(labels), dtype=np.int64)
-        rest, evaluation = train_test_split(
-            ids, test_size=_EVALUATION_SIZE, stratify=labels, random_state=_SPLIT_SEED
+        return ArraySplits.stratified(
+            inputs, labels, calibration_size=_CALIBRATION_SIZE, evaluation_size=_EVALUATION_SIZE, seed=_SPLIT_SEED
         )
-        train, calibration = train_test_split(
-            rest, test_size=_CALIBRATION_SIZE, stratify=labels[rest], random_state=_SPLIT_SEED
-        )
-
-        # train_test_split returns shuffled rows, so the first n calibration samples mix classes.
-        def split(rows: np.ndarray) -> ArraySplit:
-            return ArraySplit(inputs=inputs[rows], labels=labels[rows], ids=rows)
-
-        return ArraySplits(train=split(train), calibration=split(calibration), evaluation=split(evaluation))
 
     def make_model(self) -> nn.Module:
         return DigitsNet()

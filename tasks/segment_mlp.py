@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sweeper.array_task import ArrayClassificationTask, ArraySplit, ArraySplits, TrainingRecipe
+from sweeper.array_task import ArrayClassificationTask, ArraySplits, TrainingRecipe
 from sweeper.cache import cache_dir, cache_key, cached_file
 
 _SPLIT_SEED = 0
@@ -81,23 +81,11 @@ class SegmentMLP(ArrayClassificationTask):
     recipe = TrainingRecipe(epochs=60, batch_size=64, learning_rate=3e-3, weight_decay=1e-4, seed=0)
 
     def make_splits(self) -> ArraySplits:
-        from sklearn.model_selection import train_test_split
-
         with np.load(_dataset_file()) as data:
             inputs, labels = data["x"], data["y"]
-        ids = np.arange(len(labels), dtype=np.int64)
-        rest, evaluation = train_test_split(
-            ids, test_size=_EVALUATION_SIZE, stratify=labels, random_state=_SPLIT_SEED
+        return ArraySplits.stratified(
+            inputs, labels, calibration_size=_CALIBRATION_SIZE, evaluation_size=_EVALUATION_SIZE, seed=_SPLIT_SEED
         )
-        train, calibration = train_test_split(
-            rest, test_size=_CALIBRATION_SIZE, stratify=labels[rest], random_state=_SPLIT_SEED
-        )
-
-        # train_test_split returns shuffled rows, so the first n calibration samples mix classes.
-        def split(rows: np.ndarray) -> ArraySplit:
-            return ArraySplit(inputs=inputs[rows], labels=labels[rows], ids=rows)
-
-        return ArraySplits(train=split(train), calibration=split(calibration), evaluation=split(evaluation))
 
     def make_model(self) -> nn.Module:
         return TabularMLP()
