@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sweeper.errors import SweeperInputError
+from sweeper.signals import SweepInterrupted
 
 app = typer.Typer(
     help="Find the fastest deployable form of a trained model within an accuracy budget.",
@@ -41,8 +42,9 @@ def run(
     space_file: Annotated[Path, typer.Argument(help="search space YAML file", metavar="SPACE")],
     task: Annotated[str | None, typer.Option(help="task name or .py file (overrides the space's)")] = None,
     trials: Annotated[int | None, typer.Option(min=1, help="trials to run in total (overrides the space's)")] = None,
-    out: Annotated[Path, typer.Option(help="results folder; the study goes in OUT/STUDY")] = Path("results"),
+    out: Annotated[str, typer.Option(help="results folder or URI (s3://, gs://, abfs://, file://); the study goes in OUT/STUDY")] = "results",
     study: Annotated[str | None, typer.Option(help="study name (default: the space's, else its file name)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna RDB URL for the study (postgresql://..., sqlite:///...); default: a journal file")] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials in flight at once")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', 'ray://host:10001'); default: embedded local Ray")] = None,
     resume: Annotated[bool, typer.Option(help="continue an existing study")] = False,
@@ -57,13 +59,19 @@ def run(
     try:
         space = load_space(space_file)
         options = SweepOptions(
-            out=out, study=study, task=task, trials=trials, max_concurrent=max_concurrent,
+            out=out, study=study, storage=storage, task=task, trials=trials, max_concurrent=max_concurrent,
             seed=seed, address=address, resume=resume, debug=debug,
         )
         with SweepProgress(console, space.objective) as progress:
             summary = run_sweep(space, options, progress.on_event)
     except SweeperInputError as exc:
         raise _fail(exc, debug) from None
+    except SweepInterrupted as exc:
+        err_console.print(f"[bold yellow]{exc}.[/]", highlight=False, soft_wrap=True)
+        if exc.study_dir is not None and exc.study_dir.is_dir():
+            again = [a for a in sys.argv[1:] if a != "--resume"]
+            err_console.print(f"Continue with: sweeper {' '.join(again)} --resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
     from sweeper import results
 
     df = results.load(summary.study_dir)
@@ -96,7 +104,7 @@ def backends() -> None:
 
 @app.command()
 def show(
-    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY) or a results folder")],
+    study_dir: Annotated[str, typer.Argument(help="a study folder (OUT/STUDY) or a results folder; a path or a URI")],
     objective: Annotated[str, typer.Option(help="column to rank feasible trials by")] = "latency_ms_p50",
 ) -> None:
     """Summarise a finished study from its Parquet rows."""
@@ -179,7 +187,7 @@ def sensitivity(
     from rich.progress import Progress
 
     from sweeper.backends import get_backend
-    from sweeper.cluster import connect, runtime_env
+    from sweeper.cluster import connect, worker_launch
     from sweeper.sampling import config_for
     from sweeper.sensitivity import run_sensitivity
     from sweeper.spec import TaskRef
@@ -197,8 +205,9 @@ def sensitivity(
         config_for(backend, params)
         task_path = find_task_file(task, [Path.cwd() / "tasks"])
         out.mkdir(parents=True, exist_ok=True)
-        connect(address, num_cpus=None, env=runtime_env(task_path.parent) if address else None, debug=debug)
-        task_ref = TaskRef(name=task_path.stem, path=task_path.name if address else str(task_path))
+        launch = worker_launch(address, task_path)
+        connect(address, num_cpus=None, env=launch.runtime_env, debug=debug)
+        task_ref = TaskRef(name=task_path.stem, path=launch.task_path)
         with Progress(console=console) as progress:
             bar = progress.add_task(f"sensitivity {backend}", total=None)
             table = run_sensitivity(

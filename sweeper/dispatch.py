@@ -85,12 +85,14 @@ class Dispatcher:
         timeout = self.space.trial_timeout_s
         self.inflight[ref] = _Flight(payload, spec, time.monotonic() + timeout if timeout else None)
 
-    def wait(self) -> list[tuple[Any, TrialSpec, TrialResult]]:
-        """Block until at least one trial finishes or times out; return those."""
+    def wait(self, max_wait_s: float | None = None) -> list[tuple[Any, TrialSpec, TrialResult]]:
+        """Block until a trial finishes or times out, or ``max_wait_s`` passed; return those finished."""
         import ray
 
         deadlines = [f.deadline for f in self.inflight.values() if f.deadline is not None]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+        if max_wait_s is not None:
+            timeout = max_wait_s if timeout is None else min(timeout, max_wait_s)
         ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
         done = []
         for ref in ready:
@@ -111,9 +113,13 @@ class Dispatcher:
                 done.append((flight.payload, flight.spec, failed_result(error)))
         return done
 
-    def cancel_all(self) -> None:
+    def cancel_all(self) -> list[tuple[Any, TrialSpec]]:
+        """Cancel every trial in flight; return their payloads and specs."""
         import ray
 
-        for ref in self.inflight:
+        cancelled = []
+        for ref, flight in self.inflight.items():
             ray.cancel(ref, force=True)
+            cancelled.append((flight.payload, flight.spec))
         self.inflight.clear()
+        return cancelled

@@ -10,6 +10,8 @@ A study folder looks like::
 Each row file is written to a temporary name and renamed, and an existing row is never
 overwritten, so a crash never leaves half a file and a resumed study never duplicates a row.
 The folder reads directly in DuckDB (``read_parquet('<study>/trials/*.parquet')``) and Polars.
+A study may also live on object storage (``s3://...``, see :mod:`sweeper.location`): a row is
+then one PUT, written after checking that its key is free.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from sweeper.location import RemotePath, StudyPath, location
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,15 +96,15 @@ SCHEMA = pa.schema([pa.field(name, dtype, metadata={"doc": doc}) for name, dtype
 COLUMN_NAMES = [name for name, _, _ in COLUMNS]
 
 
-def trials_dir(study_dir: Path) -> Path:
+def trials_dir(study_dir: StudyPath) -> StudyPath:
     return study_dir / "trials"
 
 
-def row_path(study_dir: Path, trial_number: int) -> Path:
+def row_path(study_dir: StudyPath, trial_number: int) -> StudyPath:
     return trials_dir(study_dir) / f"trial-{trial_number:06d}.parquet"
 
 
-def write_row(study_dir: Path, row: dict[str, Any]) -> Path:
+def write_row(study_dir: StudyPath, row: dict[str, Any]) -> StudyPath:
     """Write one trial's row atomically; refuse to overwrite an existing row.
 
     Raises:
@@ -116,6 +120,11 @@ def write_row(study_dir: Path, row: dict[str, Any]) -> Path:
     path = row_path(study_dir, int(full["trial_number"]))
     if path.exists():
         raise FileExistsError(f"trial {full['trial_number']} already has a row at {path}")
+    if isinstance(path, RemotePath):
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path.write_bytes(sink.getvalue().to_pybytes())  # one PUT: never half an object
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".parquet.tmp")
     os.close(fd)
@@ -127,12 +136,12 @@ def write_row(study_dir: Path, row: dict[str, Any]) -> Path:
     return path
 
 
-def study_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Expand results folders into study folders (those holding a ``trials`` folder)."""
-    items = [paths] if isinstance(paths, str | Path) else list(paths)
-    found: list[Path] = []
+def study_dirs(paths: str | StudyPath | Iterable[str | StudyPath]) -> list[StudyPath]:
+    """Expand results folders (local paths or URIs) into study folders (those holding ``trials``)."""
+    items = [paths] if isinstance(paths, str | Path | RemotePath) else list(paths)
+    found: list[StudyPath] = []
     for item in items:
-        path = Path(item)
+        path = location(item) if isinstance(item, str) else item
         if trials_dir(path).is_dir():
             found.append(path)
         elif path.is_dir():
@@ -142,13 +151,17 @@ def study_dirs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def read_table(paths: str | Path | Iterable[str | Path]) -> pa.Table:
+def read_table(paths: str | StudyPath | Iterable[str | StudyPath]) -> pa.Table:
     """Read every row of the given studies as one Arrow table with the current schema."""
-    files = [f for d in study_dirs(paths) for f in sorted(trials_dir(d).glob("trial-*.parquet"))]
+    files = [f for d in study_dirs(paths) for f in sorted(trials_dir(d).glob("trial-*.parquet"), key=str)]
     if not files:
         return SCHEMA.empty_table()
-    tables = [_conform(pq.read_table(f)) for f in files]
+    tables = [_conform(pq.read_table(_source(f))) for f in files]
     return pa.concat_tables(tables)
+
+
+def _source(path: StudyPath) -> Any:
+    return pa.BufferReader(path.read_bytes()) if isinstance(path, RemotePath) else path
 
 
 def _conform(table: pa.Table) -> pa.Table:
@@ -162,11 +175,11 @@ def _conform(table: pa.Table) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
+def load(paths: str | StudyPath | Iterable[str | StudyPath]) -> pd.DataFrame:
     """Load one or more studies' rows into a pandas DataFrame, sorted by study and trial.
 
     ``paths`` may be a study folder, a results folder holding several studies, or a list of
-    either. The fixed columns (:data:`COLUMNS`) come first, then each config field found in
+    either; each a local path or an object-store URI (``s3://bucket/results/quickstart``). The fixed columns (:data:`COLUMNS`) come first, then each config field found in
     ``params_json`` as a typed ``param.<field>`` column (:func:`expand_params`).
     """
     df = read_table(paths).to_pandas()
@@ -213,14 +226,18 @@ def _typed(values: list[Any]) -> Any:
     return pd.array(values, dtype=object)
 
 
-def write_study_info(study_dir: Path, info: dict[str, Any]) -> None:
-    """Write ``study.json`` (atomically)."""
+def write_study_info(study_dir: StudyPath, info: dict[str, Any]) -> None:
+    """Write ``study.json`` (atomically: a rename locally, one PUT on object storage)."""
+    text = json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str)
+    if isinstance(study_dir, RemotePath):
+        (study_dir / "study.json").write_text(text)
+        return
     study_dir.mkdir(parents=True, exist_ok=True)
     tmp = study_dir / ".study.json.tmp"
-    tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, **info}, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, study_dir / "study.json")
 
 
-def read_study_info(study_dir: Path) -> dict[str, Any] | None:
+def read_study_info(study_dir: StudyPath) -> dict[str, Any] | None:
     path = study_dir / "study.json"
     return json.loads(path.read_text()) if path.is_file() else None

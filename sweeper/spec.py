@@ -103,5 +103,8 @@ class TrialResult:
     num_threads: int | None = None
     batch_size: int | None = None
     artifact_path: str | None = None
+    # An artifact travelling home with the result: its name, and its files (relative path -> bytes).
+    artifact_name: str | None = None
+    artifact_files: dict[str, bytes] | None = None
     attempt: int | None = 1
     error: str | None = None

@@ -6,7 +6,8 @@ Only this module talks to Optuna. Workers receive a :class:`~sweeper.spec.TrialS
 
 from __future__ import annotations
 
-import shutil
+import dataclasses
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -14,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeper import results
+from sweeper import results, study_folder
 from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.exclusion import study_rankings, warm_start_ladder
+from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
 from sweeper.rows import INTERRUPTED, counts_toward_budget, failed_result, make_row
 from sweeper.sampling import config_for, suggest
+from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
 from sweeper.spec import MeasureSettings, TaskRef, TrialResult, TrialSpec
 from sweeper.task import find_task_file
@@ -31,8 +34,9 @@ EventHandler = Callable[[str, dict[str, Any]], None]
 class SweepOptions:
     """How to run a sweep; ``None`` fields fall back to the space file."""
 
-    out: Path = Path("results")
+    out: str | Path = Path("results")
     study: str | None = None
+    storage: str | None = None
     task: str | None = None
     trials: int | None = None
     max_concurrent: int | None = None
@@ -45,7 +49,7 @@ class SweepOptions:
 
 @dataclass(frozen=True)
 class SweepSummary:
-    study_dir: Path
+    study_dir: StudyPath
     rows_written: int
     wall_time_s: float
 
@@ -63,32 +67,57 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     Raises:
         SweeperInputError: for bad input, before any trial starts and leaving nothing behind.
     """
-    import optuna
-
     emit = on_event or (lambda kind, data: None)
     started = time.time()
     study_name = options.study or space.study
     task_name = options.task or space.task
     task_path = find_task_file(task_name, task_search_dirs(space, options.task_dirs))
-    # On an existing cluster the task's folder is the workers' working directory (see cluster.py).
-    task_ref = TaskRef(name=task_path.stem, path=task_path.name if options.address else str(task_path))
-    study_dir = _prepare_study_dir(options.out, study_name, options.resume)
-    created = not options.resume
-    try:
-        from sweeper.cluster import cluster_cpus, connect, runtime_env
+    from sweeper.cluster import connect, worker_launch
 
-        connect(options.address, env=runtime_env(task_path.parent) if options.address else None, debug=options.debug)
-        info = _study_info(study_dir, space, task_ref, options)
-        _check_against_task(space, info)
-        rankings = study_rankings(space, task_ref, study_dir, dict(_first_params(space)), emit)
-    except SweeperInputError:
-        if created:
-            shutil.rmtree(study_dir, ignore_errors=True)
-        raise
+    # On an existing cluster the workers find the task through a runtime env (see cluster.py).
+    launch = worker_launch(options.address, task_path)
+    task_ref = TaskRef(name=task_path.stem, path=launch.task_path)
+    study_dir = study_folder.prepare(options.out, study_name, options.resume)
+    created = not options.resume
+    with stop_on_signals() as stop:
+        try:
+            connect(options.address, env=launch.runtime_env, debug=options.debug)
+            stop.install()
+            info = _study_info(study_dir, space, task_ref, options)
+            _check_against_task(space, info)
+            rankings = study_rankings(space, task_ref, study_dir, dict(_first_params(space)), emit)
+        except SweeperInputError:
+            if created:
+                study_folder.remove(study_dir)
+            raise
+        except StopRequested as exc:
+            if created and results.read_study_info(study_dir) is None:
+                study_folder.remove(study_dir)  # stopped before the study began
+            raise SweepInterrupted(exc.signum, study_dir, interrupted=0) from None
+        try:
+            return _sweep(space, options, study_dir, task_ref, info, rankings, emit, stop, started)
+        except StopRequested as exc:  # a second signal: trials left running are recovered on --resume
+            raise SweepInterrupted(exc.signum, study_dir, interrupted=0) from None
+
+
+def _sweep(
+    space: Space,
+    options: SweepOptions,
+    study_dir: StudyPath,
+    task_ref: TaskRef,
+    info: dict[str, Any],
+    rankings: dict[str, list[str]],
+    emit: EventHandler,
+    stop: StopFlag,
+    started: float,
+) -> SweepSummary:
+    import optuna
+
+    from sweeper.cluster import cluster_cpus
+
+    study_name = options.study or space.study
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(study_dir / "study.journal"))
-    )
+    storage = study_folder.open_storage(study_dir, options.storage)
     seed = options.seed if options.seed is not None else space.seed
     n_trials = options.trials or space.trials
     with warnings.catch_warnings():
@@ -105,7 +134,7 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
         study_name=study_name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
     )
     ctx = _Context(space=space, study_name=study_name, study_dir=study_dir, task_ref=task_ref, info=info,
-                   emit=emit, rankings=rankings)
+                   emit=emit, rankings=rankings, storage_url=options.storage)
     _recover_interrupted(study, ctx)
     if not study.trials:
         for backend, spec in space.exclusions.items():
@@ -118,7 +147,7 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
         max_concurrent = max(1, cluster_cpus() // min(t.num_cpus for t in space.targets.values()))
     emit("start", {"study": study_name, "study_dir": str(study_dir), "trials": remaining, "done": done,
                    "max_concurrent": max_concurrent, "accuracy_fp32": info["baseline"]["metric"]})
-    written = _loop(study, ctx, remaining, max_concurrent)
+    written = _loop(study, ctx, remaining, max_concurrent, stop)
     return SweepSummary(study_dir=study_dir, rows_written=written, wall_time_s=time.time() - started)
 
 
@@ -126,11 +155,12 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
 class _Context:
     space: Space
     study_name: str
-    study_dir: Path
+    study_dir: StudyPath
     task_ref: TaskRef
     info: dict[str, Any]
     emit: EventHandler
     rankings: dict[str, list[str]]
+    storage_url: str | None = None
 
     def prune_above_drop(self) -> float | None:
         """The subset drop (metric units) beyond which a trial is pruned, if early stopping is on."""
@@ -152,7 +182,7 @@ class _Context:
             params=params,
             measure=MeasureSettings(**self.space.measure.model_dump()),
             num_threads=self.space.targets[target].num_cpus,
-            artifact_dir=str(self.study_dir / "artifacts" / f"trial-{trial_number:06d}"),
+            artifact_dir=str(study_folder.artifact_dir(self.study_dir, trial_number)),
             target=target,
             device="cuda" if self.space.targets[target].kind == "gpu" else "cpu",
             early_stop_fraction=self.space.early_stop.fraction if self.space.early_stop else None,
@@ -163,6 +193,9 @@ class _Context:
         """Write the trial's row, then tell Optuna: a crash in between loses nothing (see resume)."""
         from optuna.trial import TrialState
 
+        if result.artifact_files is not None and result.artifact_name is not None:
+            path = study_folder.write_artifact(self.study_dir, spec.trial_number, result.artifact_name, result.artifact_files)
+            result = dataclasses.replace(result, artifact_files=None, artifact_path=path)
         row = make_row(self.space, spec, result, self.info["baseline"])
         results.write_row(self.study_dir, row)
         if row["state"] == "complete":
@@ -170,18 +203,36 @@ class _Context:
             study.tell(trial, row[self.space.objective])
         else:
             study.tell(trial, state=TrialState.PRUNED if row["state"] == "pruned" else TrialState.FAIL)
+        study_folder.mirror_journal(self.study_dir, self.storage_url)
         self.emit("finished", row)
         return row
 
+    def interrupt(self, study: Any, trial: Any, spec: TrialSpec, why: str) -> None:
+        """Record a trial that was cancelled before it finished and queue it to be asked again."""
+        from optuna.trial import TrialState
 
-def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int) -> int:
+        row = make_row(self.space, spec, failed_result(f"{INTERRUPTED} {why}; it is asked again on --resume"),
+                       self.info["baseline"])
+        results.write_row(self.study_dir, row)
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+        study_folder.mirror_journal(self.study_dir, self.storage_url)
+        self.emit("recovered", row)
+
+
+# How often the loop looks at the stop flag while it waits for trials.
+STOP_POLL_S = 0.5
+
+
+def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int, stop: StopFlag) -> int:
     from sweeper.dispatch import Dispatcher
 
     dispatcher = Dispatcher(ctx.space, max_concurrent)
     asked = written = 0
+    stop.deferred = True
     try:
-        while asked < remaining or len(dispatcher):
-            while asked < remaining and dispatcher.has_room():
+        while (asked < remaining or len(dispatcher)) and not stop.raised:
+            while asked < remaining and dispatcher.has_room() and not stop.raised:
                 trial = study.ask()
                 asked += 1
                 backend, params = suggest(trial, ctx.space, ctx.rankings)
@@ -196,16 +247,25 @@ def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int) -> int
                 ctx.emit("started", {"trial_number": trial.number, "backend": backend, "params": params})
             if not len(dispatcher):
                 continue
-            for trial, spec, result in dispatcher.wait():
+            for trial, spec, result in dispatcher.wait(max_wait_s=STOP_POLL_S):
                 ctx.record(study, trial, spec, result)
                 written += 1
+        if stop.raised:
+            assert stop.signum is not None
+            name = signal.Signals(stop.signum).name
+            flights = dispatcher.cancel_all()
+            for trial, spec in flights:
+                ctx.interrupt(study, trial, spec, f"stopped by {name} while this trial was running")
+            raise SweepInterrupted(stop.signum, ctx.study_dir, interrupted=len(flights))
     except BaseException:
         dispatcher.cancel_all()
         raise
+    finally:
+        stop.deferred = False
     return written
 
 
-def _existing_rows(study_dir: Path) -> list[dict[str, Any]]:
+def _existing_rows(study_dir: StudyPath) -> list[dict[str, Any]]:
     return results.read_table(study_dir).to_pylist() if results.trials_dir(study_dir).is_dir() else []
 
 
@@ -218,7 +278,10 @@ def _recover_interrupted(study: Any, ctx: _Context) -> None:
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         row = rows.get(frozen.number)
         if row is not None:  # the row was written but the driver stopped before telling Optuna
-            if row["state"] == "complete":
+            if not counts_toward_budget(row):  # an interrupted row: ask the trial again
+                study.tell(frozen.number, state=TrialState.FAIL)
+                study.enqueue_trial(dict(frozen.params), skip_if_exists=False)
+            elif row["state"] == "complete":
                 trial = optuna.trial.Trial(study, frozen._trial_id)
                 trial.set_constraint("accuracy_drop", row["accuracy_drop"] - ctx.space.constraint.max_drop)
                 study.tell(trial, row[ctx.space.objective])
@@ -236,42 +299,7 @@ def _recover_interrupted(study: Any, ctx: _Context) -> None:
         ctx.emit("recovered", row)
 
 
-def _prepare_study_dir(out: Path, study: str, resume: bool) -> Path:
-    study_dir = out / study
-    if out.exists() and not out.is_dir():
-        raise SweeperInputError(f"--out '{out}' is a file; give a folder for the results")
-    existing = study_dir / "study.json"
-    if resume:
-        if not existing.is_file():
-            raise SweeperInputError(
-                f"cannot resume study '{study}': there is no study in '{study_dir}'. "
-                "Run without --resume to start it, or give the --out and --study of an existing study."
-            )
-        info = results.read_study_info(study_dir) or {}
-        if info.get("schema_version") != results.SCHEMA_VERSION:
-            raise SweeperInputError(
-                f"'{study_dir}' holds a study of results schema {info.get('schema_version')!r}; this "
-                f"sweeper writes schema {results.SCHEMA_VERSION} and cannot resume it. Start a new study."
-            )
-        return study_dir
-    if study_dir.exists() and any(study_dir.iterdir()):
-        raise SweeperInputError(
-            f"'{study_dir}' already holds a study named '{study}'. Pass --resume to continue it, "
-            "or choose another --study name or --out folder."
-        )
-    try:
-        study_dir.mkdir(parents=True, exist_ok=True)
-        probe = study_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise SweeperInputError(
-            f"cannot write results to '{study_dir}' ({exc.strerror}); give a writable --out folder"
-        ) from None
-    return study_dir
-
-
-def _study_info(study_dir: Path, space: Space, task_ref: TaskRef, options: SweepOptions) -> dict[str, Any]:
+def _study_info(study_dir: StudyPath, space: Space, task_ref: TaskRef, options: SweepOptions) -> dict[str, Any]:
     """Read the study's info on resume; otherwise measure the FP32 baseline once and record it."""
     existing = results.read_study_info(study_dir)
     if existing is not None:

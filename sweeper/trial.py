@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+import shutil
 import socket
 import tempfile
 import time
@@ -153,9 +154,9 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> str:
         )
         candidate = backend.build(ctx, config)
         measured["environment"] = dataclasses.replace(measured["environment"], device=candidate.device)
-        artifact = candidate.save(Path(spec.artifact_dir))
-        measured["artifact_path"] = str(artifact)
+        artifact = candidate.save(Path(workdir) / "artifact")
         measured["size_bytes"] = candidate.size_bytes()
+        measured |= ship_artifact(artifact, spec.artifact_dir)
 
         outputs = _evaluate_cheap_first(candidate, baseline, spec, measured)
         if outputs is None:
@@ -174,6 +175,36 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> str:
         measured["latency"] = cand_stats
         measured["baseline_latency"] = base_stats
     return "complete"
+
+
+# Artifacts up to this size travel home with the result, through Ray's object store.
+ARTIFACT_RETURN_LIMIT_BYTES = 2 * 1024**3
+
+
+def ship_artifact(artifact: Path, destination: str) -> dict[str, Any]:
+    """Send a saved artifact (file or folder) where the study keeps it; return the result's fields.
+
+    A remote study folder (a URI) gets it uploaded from here. Otherwise its files go back with
+    the result and the driver writes them into its study folder, so the nodes need no folder
+    shared with the driver; one larger than :data:`ARTIFACT_RETURN_LIMIT_BYTES` is written here,
+    at ``destination``, which must then be shared storage.
+    """
+    from sweeper.location import is_uri, location
+
+    files = [artifact] if artifact.is_file() else sorted(p for p in artifact.rglob("*") if p.is_file())
+    relative = {p.relative_to(artifact.parent).as_posix(): p for p in files}
+    if is_uri(destination):
+        target = location(destination)
+        for name, path in relative.items():
+            (target / name).write_bytes(path.read_bytes())
+        return {"artifact_path": str(target / artifact.name)}
+    if sum(p.stat().st_size for p in files) <= ARTIFACT_RETURN_LIMIT_BYTES:
+        return {"artifact_name": artifact.name, "artifact_files": {n: p.read_bytes() for n, p in relative.items()}}
+    target = Path(destination)
+    for name, path in relative.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / name)
+    return {"artifact_path": str(target / artifact.name)}
 
 
 def _evaluate_cheap_first(candidate: Any, baseline: Baseline, spec: TrialSpec, measured: dict[str, Any]) -> np.ndarray | None:
