@@ -36,6 +36,8 @@ def prepare(out: str | Path, study: str, resume: bool) -> StudyPath:
         root = location(out)
     except (ValueError, OSError) as exc:
         raise SweeperInputError(f"--out '{out}' cannot be opened: {exc}") from None
+    if isinstance(root, Path):
+        root = root.expanduser().absolute()  # rows name artifacts by paths that mean the same anywhere
     study_dir = root / study
     if root.exists() and not root.is_dir():
         raise SweeperInputError(f"--out '{out}' is a file; give a folder for the results")

@@ -63,10 +63,17 @@ def bin_path(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def start_head(num_cpus: int = 2, env: dict[str, str] | None = None, timeout_s: float = 120) -> RayHead:
-    """Start a head and wait until its dashboard (the Jobs API) answers."""
+def start_head(
+    num_cpus: int = 2, env: dict[str, str] | None = None, temp_dir: Path | None = None, timeout_s: float = 120
+) -> RayHead:
+    """Start a head and wait until its dashboard (the Jobs API) answers.
+
+    ``temp_dir`` is Ray's folder for the head (``--temp-dir``), where ``ray start`` also writes its
+    ``ray_current_cluster`` pointer; by default a new short folder under /tmp.
+    """
     # Short: Ray's socket paths live under it and must stay under the 107-byte limit.
-    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    temp_dir.mkdir(parents=True, exist_ok=True)
     ports = dict(zip(PORT_OPTIONS, free_ports(len(PORT_OPTIONS)), strict=True))
     lo = free_ports(1)[0]
     while any(lo <= port <= lo + WORKER_PORTS for port in ports.values()) or lo + WORKER_PORTS > 65535:
