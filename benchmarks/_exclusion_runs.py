@@ -209,7 +209,7 @@ def rank(scored: list[dict[str, Any]], names: list[str], builder: Builder) -> li
 def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Path, study: str) -> Outcome:
     """(d) ``run_sweep`` over calibration settings and ``exclude: top_k`` on an embedded Ray."""
     from sweeper import results
-    from sweeper.backends._ort import load_onnx_candidate
+    from sweeper.backends.onnx.runtime import load_onnx_candidate
     from sweeper.space import load_space
     from sweeper.study import SweepOptions, run_sweep
 

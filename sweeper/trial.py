@@ -55,7 +55,7 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
 
     import torch
 
-    from sweeper.backends._torch import TorchCandidate
+    from sweeper.backends.torch.eager import TorchCandidate
     from sweeper.task import load_task
 
     task = load_task(task_ref.path, task_ref.attr)
@@ -132,7 +132,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> str:
     """Build, evaluate (cheap-first when asked) and time the candidate; return the trial's state."""
     from sweeper.backends import BuildContext, get_backend
-    from sweeper.backends._torch import TorchCandidate
+    from sweeper.backends.torch.eager import TorchCandidate
     from sweeper.cache import cache_dir
     from sweeper.measure import agreement_pct, max_abs_error, time_interleaved
     from sweeper.sampling import config_for

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._onnx import (
-    OnnxExportConfig,
-    export_onnx,
-    quiet,
-)
-from sweeper.backends._ort import (
+from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends.onnx.config import OnnxExportConfig
+from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.quiet import quiet
+from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
-    OrtBackend,
     check_nodes_to_exclude,
     graph_nodes,
 )

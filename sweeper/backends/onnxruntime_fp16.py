@@ -24,16 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._onnx import (
-    OnnxExportConfig,
-    export_onnx,
-    quiet,
-)
-from sweeper.backends._ort import (
-    OnnxCandidate,
-    OrtBackend,
-    check_nodes_to_exclude,
-)
+from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends.onnx.config import OnnxExportConfig
+from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.quiet import quiet
+from sweeper.backends.onnx.runtime import OnnxCandidate, check_nodes_to_exclude
 from sweeper.cache import cache_key, cached_file
 
 if TYPE_CHECKING:

@@ -5,14 +5,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._onnx import (
-    OnnxExportConfig,
-    export_onnx,
-)
-from sweeper.backends._ort import (
-    OnnxCandidate,
-    OrtBackend,
-)
+from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends.onnx.config import OnnxExportConfig
+from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.runtime import OnnxCandidate
 
 
 class OnnxRuntimeFP32Config(OnnxExportConfig):

@@ -31,14 +31,12 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._onnx import (
-    OnnxExportConfig,
-    export_onnx,
-    quiet,
-)
-from sweeper.backends._ort import (
+from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends.onnx.config import OnnxExportConfig
+from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.quiet import quiet
+from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
-    OrtBackend,
     check_nodes_to_exclude,
     graph_nodes,
 )
@@ -127,7 +125,7 @@ class OnnxRuntimeStaticInt8(OrtBackend):
     def quantizable_nodes(self, onnx_path: Path) -> list[tuple[str, str]]:
         """Return ``(name, op_type)`` of the nodes ``quantize_static`` may quantize in ``onnx_path``.
 
-        Pass the FP32 model the backend quantizes (:func:`sweeper.backends._onnx.export_onnx`).
+        Pass the FP32 model the backend quantizes (:func:`sweeper.backends.onnx.export.export_onnx`).
         """
         return graph_nodes(onnx_path, _static_op_types())
 

@@ -36,12 +36,13 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from sweeper.backends._base import Backend, BuildContext, Candidate, Hardware
-from sweeper.backends._onnx import OnnxExportConfig, export_onnx
-from sweeper.backends._torch_device import cuda_device, cuda_unavailable_reason
+from sweeper.backends.onnx.config import OnnxExportConfig
+from sweeper.backends.onnx.export import export_onnx
 from sweeper.backends.onnxruntime_static_int8 import (
     CalibrationMethod,
     OnnxRuntimeStaticInt8Config,
 )
+from sweeper.backends.torch.device import cuda_device, cuda_unavailable_reason
 from sweeper.errors import BackendUnavailableError
 from sweeper.task import Batch, Task
 
@@ -202,7 +203,7 @@ class TensorRT(Backend):
 
     def preflight(self, ctx: BuildContext, config: TensorRTConfig) -> None:  # type: ignore[override]
         """Export the model before any trial (runs on a CPU too; the engine build needs the GPU)."""
-        from sweeper.backends._onnx import preflight_export
+        from sweeper.backends.onnx.export import preflight_export
 
         preflight_export(self.name, ctx, config)
 

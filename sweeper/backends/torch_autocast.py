@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext, Hardware
-from sweeper.backends._torch import torch_unavailable_reason
-from sweeper.backends._torch_device import (
+from sweeper.backends.torch.device import (
     DeviceTorchCandidate,
     cuda_device,
     cuda_unavailable_reason,
     load_module_state,
 )
+from sweeper.backends.torch.eager import torch_unavailable_reason
 from sweeper.errors import BackendUnavailableError, ConfigError
 
 if TYPE_CHECKING:

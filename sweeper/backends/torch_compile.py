@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._torch import (
+from sweeper.backends.torch.eager import (
     STATE_DICT_FILE,
     TorchCandidate,
     load_state_dict,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import field_validator
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._torch import (
+from sweeper.backends.torch.eager import (
     TorchCandidate,
     load_state_dict,
     quiet_torch_quantization,

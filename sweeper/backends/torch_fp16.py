@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext, Hardware
-from sweeper.backends._torch_device import (
+from sweeper.backends.torch.device import (
     DeviceTorchCandidate,
     cuda_device,
     cuda_unavailable_reason,

@@ -1,7 +1,7 @@
 """PyTorch quantization-aware training (QAT) int8: fine-tune with fake quantization, then convert.
 
 Flow: FX graph mode (``prepare_qat_fx`` -> fine-tune -> ``convert_fx``); see
-:mod:`sweeper.backends._torch_ao` for why. The fine-tuning runs on the task's training split
+:mod:`sweeper.backends.torch.fx_int8` for why. The fine-tuning runs on the task's training split
 (:meth:`sweeper.task.Task.train_batches`) for ``epochs`` passes with AdamW at a constant
 ``learning_rate`` (a schedule would need the split's size, which the task contract does not
 give without a pass over it), with a fixed seed. BatchNorm statistics stay
@@ -22,13 +22,8 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import Field
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._jit import (
-    TorchScriptCandidate,
-    example_args,
-    trace,
-)
-from sweeper.backends._torch import quiet_torch_quantization
-from sweeper.backends._torch_ao import (
+from sweeper.backends.torch.eager import quiet_torch_quantization
+from sweeper.backends.torch.fx_int8 import (
     FxInt8Backend,
     Int8Config,
     activation_range,
@@ -39,6 +34,7 @@ from sweeper.backends._torch_ao import (
     set_engine,
     weight_observer,
 )
+from sweeper.backends.torch.jit import TorchScriptCandidate, example_args, trace
 from sweeper.errors import TaskError
 
 if TYPE_CHECKING:
@@ -53,7 +49,7 @@ MAX_EPOCHS = 20
 
 class TorchQatInt8Config(Int8Config):
     """Settings of PyTorch quantization-aware training (besides ``engine``, ``per_channel`` and
-    ``excluded_layers``, see :class:`sweeper.backends._torch_ao.Int8Config`).
+    ``excluded_layers``, see :class:`sweeper.backends.torch.fx_int8.Int8Config`).
 
     Attributes:
         epochs: passes over the task's training split.

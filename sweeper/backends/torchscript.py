@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Self
 from pydantic import model_validator
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._jit import (
+from sweeper.backends.torch.eager import torch_unavailable_reason
+from sweeper.backends.torch.jit import (
     TorchScriptCandidate,
     TorchScriptError,
     load_torchscript,
     quiet_jit,
     trace,
 )
-from sweeper.backends._torch import torch_unavailable_reason
 
 if TYPE_CHECKING:
     import torch

@@ -132,7 +132,7 @@ def test_half_inputs_are_cast_at_the_candidate_boundary(digits: tuple) -> None:
 
     import torch
 
-    from sweeper.backends._torch_device import DeviceTorchCandidate
+    from sweeper.backends.torch.device import DeviceTorchCandidate
 
     task, model = digits
     candidate = DeviceTorchCandidate(copy.deepcopy(model).half(), task.input_names, 1, input_dtype=torch.float16)

@@ -212,9 +212,7 @@ def test_int8_builds_from_a_qdq_model_tensorrt_accepts(built_onnx: dict[str, Pat
 def test_the_files_run_and_agree_on_the_cpu(built_onnx: dict[str, Path], digits: Task) -> None:
     import torch
 
-    from sweeper.backends._ort import (
-    OnnxCandidate,
-)
+    from sweeper.backends.onnx.runtime import OnnxCandidate
 
     model = digits.build_model()
     batches = [batch for batch, _ in digits.eval_batches()]

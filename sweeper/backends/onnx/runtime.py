@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext, Candidate
+from sweeper.backends._base import Candidate
 from sweeper.errors import ConfigError, did_you_mean
 from sweeper.task import Batch
 
@@ -110,19 +110,3 @@ def load_onnx_candidate(artifact: Path, num_threads: int) -> OnnxCandidate:
     if not artifact.is_file():
         raise FileNotFoundError(f"no ONNX artifact at '{artifact}'")
     return OnnxCandidate(artifact, num_threads)
-
-
-class OrtBackend(Backend):
-    """What the ONNX Runtime backends share: they need torch, onnx and onnxruntime, export the
-    model before any trial (preflight), and reload their ONNX artifact as a session."""
-
-    def unavailable_reason(self) -> str | None:
-        return onnx_unavailable_reason()
-
-    def preflight(self, ctx: BuildContext, config: BackendConfig) -> None:
-        from sweeper.backends._onnx import preflight_export
-
-        preflight_export(self.name, ctx, config)  # type: ignore[arg-type]
-
-    def load(self, artifact: Path, ctx: BuildContext, config: BackendConfig) -> OnnxCandidate:
-        return load_onnx_candidate(artifact, ctx.num_threads)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
     from torch.ao.quantization import QConfig
 
-    from sweeper.backends._jit import TorchScriptCandidate
+    from sweeper.backends.torch.jit import TorchScriptCandidate
 
 Engine = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 # Layer types FX static quantization turns into int8 modules with every engine here.
@@ -232,7 +232,7 @@ class FxInt8Backend(Backend):
     exclusion_field: ClassVar[str] = "excluded_layers"
 
     def unavailable_reason(self) -> str | None:
-        from sweeper.backends._torch import torch_unavailable_reason
+        from sweeper.backends.torch.eager import torch_unavailable_reason
 
         return torch_unavailable_reason()
 
@@ -247,7 +247,7 @@ class FxInt8Backend(Backend):
     def load(  # type: ignore[override]
         self, artifact: Path, ctx: BuildContext, config: Int8Config
     ) -> TorchScriptCandidate:
-        from sweeper.backends._jit import load_torchscript
+        from sweeper.backends.torch.jit import load_torchscript
 
         set_engine(config.engine, self.name)  # packed weights are re-packed for it on load
         return load_torchscript(artifact, ctx.task, ctx.num_threads)
