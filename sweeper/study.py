@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import results
+from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.exclusion import study_rankings, warm_start_ladder
 from sweeper.params import Fixed, Range
 from sweeper.rows import INTERRUPTED, counts_toward_budget, failed_result, make_row
-from sweeper.sampling import config_for, suggest
+from sweeper.sampling import suggest
 from sweeper.space import Space
 from sweeper.spec import MeasureSettings, TaskRef, TrialResult, TrialSpec
 from sweeper.task import find_task_file
@@ -187,7 +188,7 @@ def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int) -> int
                 backend, params = suggest(trial, ctx.space, ctx.rankings)
                 spec = ctx.spec(trial.number, backend, params)
                 try:
-                    config_for(backend, params)
+                    get_backend(backend).config(params)
                 except ConfigError as exc:
                     ctx.record(study, trial, spec, failed_result(str(exc)))
                     written += 1
@@ -320,7 +321,7 @@ def _first_params(space: Space) -> list[tuple[str, dict[str, Any]]]:
             for key, p in params.items()
         }
         try:
-            config_for(backend, first)
+            get_backend(backend).config(first)
         except ConfigError:
             continue
         pairs.append((backend, first))

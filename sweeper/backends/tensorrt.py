@@ -139,8 +139,8 @@ def profile_shapes(task: Task, config: TensorRTConfig) -> dict[str, tuple[Shape,
     profile = {}
     for name in task.input_names:
         rest = tuple(int(size) for size in np.shape(example[name])[1:])
-        profile[name] = tuple((batch, *rest) for batch in (config.min_batch, config.opt_batch, config.max_batch))
-    return profile  # type: ignore[return-value]
+        profile[name] = ((config.min_batch, *rest), (config.opt_batch, *rest), (config.max_batch, *rest))
+    return profile
 
 
 def plan_engine(task: Task, config: TensorRTConfig) -> EnginePlan:
@@ -190,18 +190,18 @@ def timing_cache_name(device_name: str, capability: tuple[int, int], tensorrt_ve
     return f"timing-{gpu}-sm{capability[0]}{capability[1]}-trt{tensorrt_version}.cache"
 
 
-class TensorRT(Backend):
+class TensorRT(Backend[TensorRTConfig]):
     """A TensorRT engine built from the exported (and converted or quantized) ONNX model."""
 
     name: ClassVar[str] = "tensorrt"
-    Config: ClassVar[type[TensorRTConfig]] = TensorRTConfig
+    Config: type[TensorRTConfig] = TensorRTConfig
     hardware: ClassVar[frozenset[Hardware]] = frozenset({"gpu"})
     # Not measured on a GPU yet (none was available). The ONNX files it builds from, run on ORT's
     # CPU provider, agree with FP32 on 100% of digits (360 samples) for fp32, fp16 and int8
     # (symmetric QDQ, minmax, per-channel); the margin is int8's.
     min_agreement_pct: ClassVar[float] = 97.0
 
-    def preflight(self, ctx: BuildContext, config: TensorRTConfig) -> None:  # type: ignore[override]
+    def preflight(self, ctx: BuildContext, config: TensorRTConfig) -> None:
         """Export the model before any trial (runs on a CPU too; the engine build needs the GPU)."""
         from sweeper.backends.onnx.export import preflight_export
 
@@ -223,9 +223,7 @@ class TensorRT(Backend):
             return f"TensorRT {trt.__version__} is installed; this backend needs TensorRT {MIN_TENSORRT_MAJOR} or newer"
         return None
 
-    def build(  # type: ignore[override]
-        self, ctx: BuildContext, config: TensorRTConfig
-    ) -> TensorRTCandidate:
+    def build(self, ctx: BuildContext, config: TensorRTConfig) -> TensorRTCandidate:
         self._require()
         plan = plan_engine(ctx.task, config)
         onnx_path = prepare_onnx(ctx, config)
@@ -234,9 +232,7 @@ class TensorRT(Backend):
         engine = build_engine(onnx_path, plan, device, timing_cache)
         return TensorRTCandidate(engine, ctx.task, device)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: TensorRTConfig
-    ) -> TensorRTCandidate:
+    def load(self, artifact: Path, ctx: BuildContext, config: TensorRTConfig) -> TensorRTCandidate:
         self._require()
         if not artifact.is_file():
             raise FileNotFoundError(f"no TensorRT engine at '{artifact}'")

@@ -82,7 +82,7 @@ def export_onnx(ctx: BuildContext, config: OnnxExportConfig | None = None, **fie
 
     if config is not None and fields:
         raise TypeError("export_onnx takes a config or export fields, not both")
-    settings = (config or OnnxExportConfig(**fields)).export_settings()  # type: ignore[arg-type]
+    settings = (config or OnnxExportConfig.model_validate(fields)).export_settings()
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
     if settings.simplify != "none":
         versions[settings.simplify] = _simplifier_version(settings.simplify)
