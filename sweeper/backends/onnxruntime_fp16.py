@@ -39,8 +39,7 @@ class OnnxRuntimeFP16Config(OnnxExportConfig):
     """Settings of the float16 conversion.
 
     Attributes:
-        nodes_to_exclude: ONNX node names to keep in float32 (see
-            :meth:`OnnxRuntimeFP16.convertible_nodes`).
+        nodes_to_exclude: ONNX node names to keep in float32 (see :func:`convertible_nodes`).
     """
 
     nodes_to_exclude: tuple[str, ...] = ()
@@ -57,16 +56,17 @@ class OnnxRuntimeFP16(OrtBackend[OnnxRuntimeFP16Config]):
     min_agreement_pct: ClassVar[float] = 99.0
 
 
-    def convertible_nodes(self, onnx_path: Path) -> list[tuple[str, str]]:
-        """Return ``(name, op_type)`` of every node of the FP32 export ``onnx_path``."""
-        import onnx
-
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
-        return [(node.name, node.op_type) for node in graph.node]
-
     def build(self, ctx: BuildContext, config: OnnxRuntimeFP16Config) -> OnnxCandidate:
         return OnnxCandidate(float16_model(ctx, config, config.nodes_to_exclude), ctx.num_threads)
 
+
+
+def convertible_nodes(onnx_path: Path) -> list[tuple[str, str]]:
+    """Return ``(name, op_type)`` of every node of the FP32 export ``onnx_path``."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return [(node.name, node.op_type) for node in graph.node]
 
 
 def float16_model(ctx: BuildContext, export: OnnxExportConfig, nodes_to_exclude: tuple[str, ...]) -> Path:
@@ -80,7 +80,7 @@ def float16_model(ctx: BuildContext, export: OnnxExportConfig, nodes_to_exclude:
     fp32 = export_onnx(ctx, export)
     check_nodes_to_exclude(
         nodes_to_exclude,
-        OnnxRuntimeFP16().convertible_nodes(fp32),
+        convertible_nodes(fp32),
         f"task '{ctx.task.name}' exported with '{export.exporter}' at opset {export.opset}",
     )
     key = cache_key(nodes_to_exclude=sorted(nodes_to_exclude), converter=_converter_version())

@@ -20,15 +20,13 @@ from pydantic import ValidationError
 from sweeper.backends import BuildContext, get_backend
 from sweeper.backends.tensorrt import (
     ONNX_SOURCES,
-    TORCH_DTYPES,
     TensorRTConfig,
-    batch_chunks,
     plan_engine,
     prepare_onnx,
     profile_shapes,
     qdq_config,
-    timing_cache_name,
 )
+from sweeper.backends.tensorrt_engine import TORCH_DTYPES, batch_chunks, timing_cache_name
 from sweeper.errors import BackendUnavailableError
 from sweeper.task import Batch, LabeledBatch, Task, load_task
 
