@@ -56,6 +56,13 @@ class OnnxRuntimeFP16(OrtBackend[OnnxRuntimeFP16Config]):
     min_agreement_pct: ClassVar[float] = 99.0
 
 
+    exclusion_field: ClassVar[str] = "nodes_to_exclude"
+
+    def quantizable_layers(self, ctx: BuildContext, config: OnnxRuntimeFP16Config) -> list[tuple[str, str]]:
+        """The nodes the conversion turns to float16 (every node of the export): what
+        ``nodes_to_exclude`` may keep in float32."""
+        return convertible_nodes(export_onnx(ctx, config))
+
     def build(self, ctx: BuildContext, config: OnnxRuntimeFP16Config) -> OnnxCandidate:
         return OnnxCandidate(float16_model(ctx, config, config.nodes_to_exclude), ctx.num_threads)
 

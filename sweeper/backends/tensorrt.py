@@ -29,11 +29,12 @@ from pydantic import Field, model_validator
 
 from sweeper.backends._base import Backend, BuildContext, Hardware
 from sweeper.backends.onnx.export import export_onnx, preflight_export
-from sweeper.backends.onnxruntime_fp16 import float16_model
+from sweeper.backends.onnxruntime_fp16 import convertible_nodes, float16_model
 from sweeper.backends.onnxruntime_static_int8 import (
     OnnxRuntimeStaticInt8Config,
     StaticQuantizationConfig,
     quantize_static_int8,
+    static_quantizable_nodes,
 )
 from sweeper.backends.tensorrt_engine import (
     EnginePlan,
@@ -145,6 +146,15 @@ class TensorRT(Backend[TensorRTConfig]):
     # CPU provider, agree with FP32 on 100% of digits (360 samples) for fp32, fp16 and int8
     # (symmetric QDQ, minmax, per-channel); the margin is int8's.
     min_agreement_pct: ClassVar[float] = 97.0
+    exclusion_field: ClassVar[str] = "nodes_to_exclude"
+
+    def quantizable_layers(self, ctx: BuildContext, config: TensorRTConfig) -> list[tuple[str, str]]:
+        """The nodes ``config.precision`` lowers (int8: those ``quantize_static`` quantizes; fp16:
+        every node of the export; fp32: none): what ``nodes_to_exclude`` may keep in float32."""
+        if config.precision == "fp32":
+            return []
+        fp32 = export_onnx(ctx, config)
+        return static_quantizable_nodes(fp32) if config.precision == "int8" else convertible_nodes(fp32)
 
     def preflight(self, ctx: BuildContext, config: TensorRTConfig) -> None:
         """Export the model before any trial (runs on a CPU too; the engine build needs the GPU)."""

@@ -222,6 +222,20 @@ def test_the_files_run_and_agree_on_the_cpu(built_onnx: dict[str, Path], digits:
         assert agreement >= get_backend("tensorrt").min_agreement_pct, precision
 
 
+def test_quantizable_layers_follow_the_precision(digits: Task, tmp_path: Path) -> None:
+    from sweeper.backends.onnx.export import export_onnx
+    from sweeper.backends.onnxruntime_fp16 import convertible_nodes
+    from sweeper.backends.onnxruntime_static_int8 import static_quantizable_nodes
+
+    backend = get_backend("tensorrt")
+    assert backend.exclusion_field == "nodes_to_exclude"
+    ctx = BuildContext(model=digits.build_model(), task=digits, workdir=tmp_path, cache_dir=tmp_path, num_threads=1)
+    fp32 = export_onnx(ctx, backend.config({}))
+    assert backend.quantizable_layers(ctx, backend.config({"precision": "int8"})) == static_quantizable_nodes(fp32)
+    assert backend.quantizable_layers(ctx, backend.config({"precision": "fp16"})) == convertible_nodes(fp32)
+    assert backend.quantizable_layers(ctx, backend.config({"precision": "fp32"})) == []
+
+
 # --- without TensorRT or a GPU ------------------------------------------------------------------
 
 
