@@ -138,7 +138,8 @@ def _separate_excluded_outputs(model: onnx.ModelProto, nodes_to_exclude: tuple[s
         for index, name in enumerate(node.output):
             if name in outputs:
                 node.output[index] = f"{name}/float32"
-                nodes.append(onnx.helper.make_node("Identity", [node.output[index]], [name], name=f"{node.name}/to_output"))
+                to_output = f"{node.name}/to_output"
+                nodes.append(onnx.helper.make_node("Identity", [node.output[index]], [name], name=to_output))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 

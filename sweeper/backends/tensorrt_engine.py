@@ -40,9 +40,6 @@ TORCH_DTYPES = {
     "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
     "INT32": "int32", "INT64": "int64", "BOOL": "bool",
 }  # fmt: skip
-
-
-
 Shape = tuple[int, ...]
 
 

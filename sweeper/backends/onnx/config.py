@@ -31,6 +31,7 @@ SIMPLIFIERS: dict[str, tuple[str, str]] = {
     "onnxsim": ("onnxsim", "pip install 'sweeper[onnxsim]'"),
 }
 
+
 class OnnxExportError(SweeperInputError):
     """The task's model cannot be exported to ONNX with the chosen exporter and opset."""
 
@@ -87,5 +88,3 @@ def describe_export(task: Task, settings: OnnxExportConfig) -> str:
     """Name an export in messages: task, exporter, opset and simplifier."""
     what = f"task '{task.name}' with exporter '{settings.exporter}' at opset {settings.opset}"
     return what if settings.simplify == "none" else f"{what}, simplified with {settings.simplify}"
-
-

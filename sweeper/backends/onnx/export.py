@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """Return a hash of ``model``'s architecture (its repr) and every tensor of its state dict.
 
@@ -168,8 +169,7 @@ def _export_and_preprocess(ctx: BuildContext, settings: OnnxExportConfig, out: P
                 onnx.checker.check_model(str(pre))
             except Exception as exc:
                 raise OnnxExportError(
-                    f"ONNX Runtime's quantization pre-processing failed on the export of {what}: "
-                    f"{_reason(exc)}"
+                    f"ONNX Runtime's quantization pre-processing failed on the export of {what}: {_reason(exc)}"
                 ) from exc
         shutil.copyfile(pre, out)
 

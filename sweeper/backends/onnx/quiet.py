@@ -73,5 +73,3 @@ def _native_output_captured() -> Iterator[None]:
     finally:
         for fd in saved:
             os.close(fd)
-
-

@@ -47,9 +47,7 @@ def graph_nodes(path: Path, op_types: Collection[str]) -> list[tuple[str, str]]:
     return [(node.name, node.op_type) for node in graph.node if node.op_type in op_types]
 
 
-def check_nodes_to_exclude(
-    nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str
-) -> None:
+def check_nodes_to_exclude(nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str) -> None:
     """Raise ``ConfigError`` naming the ``nodes_to_exclude`` that are not ``quantizable`` nodes.
 
     ``what`` names the model in the message (task, exporter, opset).
@@ -93,9 +91,7 @@ class OnnxCandidate(Candidate):
         try:
             feeds = {name: np.asarray(batch[name], dtype=dtype) for name, dtype in self._dtypes.items()}
         except KeyError:
-            raise KeyError(
-                f"the model's inputs are {sorted(self._dtypes)}; the batch has {sorted(batch)}"
-            ) from None
+            raise KeyError(f"the model's inputs are {sorted(self._dtypes)}; the batch has {sorted(batch)}") from None
         (output,) = self.session.run([self._output], feeds)
         return np.asarray(output, dtype=np.float32)
 
