@@ -121,7 +121,6 @@ class Builder:
         """Build one candidate, in a workdir of its own (the backend names its ranges file
         ``calibration.json`` in the workdir, so a reused workdir could feed it stale ranges)."""
         from sweeper.backends import BuildContext, get_backend
-        from sweeper.sampling import config_for
 
         self._count += 1
         workdir = self.scratch / f"build-{self._count:04d}"
@@ -130,7 +129,7 @@ class Builder:
             model=self.baseline.model, task=self.baseline.task, workdir=workdir,
             cache_dir=cache_root / "models", num_threads=self.settings.threads,
         )  # fmt: skip
-        return get_backend(BACKEND).build(ctx, config_for(BACKEND, params))
+        return get_backend(BACKEND).build(ctx, get_backend(BACKEND).config(params))
 
     def drop(self, candidate: Any) -> tuple[float, float]:
         """(metric, drop against the PyTorch FP32 metric) on the whole evaluation split."""
@@ -209,7 +208,7 @@ def rank(scored: list[dict[str, Any]], names: list[str], builder: Builder) -> li
 def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Path, study: str) -> Outcome:
     """(d) ``run_sweep`` over calibration settings and ``exclude: top_k`` on an embedded Ray."""
     from sweeper import results
-    from sweeper.backends._ort import load_onnx_candidate
+    from sweeper.backends.onnx.runtime import load_onnx_candidate
     from sweeper.space import load_space
     from sweeper.study import SweepOptions, run_sweep
 

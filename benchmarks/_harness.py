@@ -175,7 +175,7 @@ def benchmark_model(
 ) -> list[dict[str, Any]]:
     """Every row of one model's table (the PyTorch FP32 reference first)."""
     from sweeper.backends import BuildContext, get_backend
-    from sweeper.backends._torch import TorchCandidate
+    from sweeper.backends.torch.eager import TorchCandidate
     from sweeper.cache import cache_dir
     from sweeper.task import load_task
 

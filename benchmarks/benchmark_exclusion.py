@@ -138,8 +138,8 @@ def run(s: Settings, scratch: Path) -> None:
     import torch
 
     from sweeper.backends import BuildContext, get_backend
-    from sweeper.backends._onnx import export_onnx
-    from sweeper.backends._ort import OnnxCandidate
+    from sweeper.backends.onnx.export import export_onnx
+    from sweeper.backends.onnx.runtime import OnnxCandidate
     from sweeper.trial import prepare_baseline
 
     torch.set_num_threads(s.threads)
@@ -204,7 +204,7 @@ def _guard(method: str, run: Any) -> Outcome:
 
 
 def _nncf_outcome(nncf: Any, builder: Builder, s: Settings) -> Outcome:
-    from sweeper.backends._ort import OnnxCandidate
+    from sweeper.backends.onnx.runtime import OnnxCandidate
 
     method = f"(c) NNCF {nncf.version} quantize_with_accuracy_control" if nncf.version else "(c) NNCF accuracy control"
     outcome = Outcome(method=method, error=nncf.error, wall_time_s=nncf.wall_time_s, excluded=nncf.reverted)

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sweeper import results
-from sweeper.results import PARAM_PREFIX
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -20,8 +19,9 @@ if TYPE_CHECKING:
 PARETO_OBJECTIVES: tuple[str, ...] = ("latency_ms_p50", "accuracy_drop", "size_bytes")
 SENSITIVITY_FILE = "sensitivity.parquet"
 SENSITIVITY_COLUMNS: tuple[str, ...] = ("layer", "op_type", "metric_drop", "output_error", "rank")
-# Config fields that list the layers a trial left unquantized.
-EXCLUSION_FIELDS: tuple[str, ...] = ("nodes_to_exclude",)
+# The row column listing the layers a trial left unquantized, whatever the backend calls its
+# exclusion field (``nodes_to_exclude``, ``excluded_layers``): see sweeper.rows.
+EXCLUDED_COLUMN = "excluded_layers"
 
 
 def study_settings(study_dir: Path) -> dict[str, Any]:
@@ -143,13 +143,8 @@ def excluded_layers(df: pd.DataFrame) -> pd.Series:
     """For each row, the set of layers its config left unquantized (empty when none)."""
     import pandas as pd
 
-    sets = [set() for _ in range(len(df))]
-    for field in EXCLUSION_FIELDS:
-        column = PARAM_PREFIX + field
-        if column in df.columns:
-            for i, value in enumerate(df[column]):
-                if isinstance(value, tuple | list):
-                    sets[i].update(value)
+    values = df[EXCLUDED_COLUMN] if EXCLUDED_COLUMN in df.columns else [None] * len(df)
+    sets = [set(value) if isinstance(value, tuple | list | np.ndarray) else set() for value in values]
     return pd.Series(sets, index=df.index, dtype=object)
 
 

@@ -188,7 +188,6 @@ def sensitivity(
 
     from sweeper.backends import get_backend
     from sweeper.cluster import connect, worker_launch
-    from sweeper.sampling import config_for
     from sweeper.sensitivity import run_sensitivity
     from sweeper.spec import TaskRef
     from sweeper.task import find_task_file
@@ -202,7 +201,7 @@ def sensitivity(
             params[key] = yaml.safe_load(value)
         if get_backend(backend).exclusion_field is None:
             raise SweeperInputError(f"backend '{backend}' cannot leave layers in float, so it has no layer sensitivity")
-        config_for(backend, params)
+        get_backend(backend).config(params)
         task_path = find_task_file(task, [Path.cwd() / "tasks"])
         out.mkdir(parents=True, exist_ok=True)
         launch = worker_launch(address, task_path)

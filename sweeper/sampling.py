@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from pydantic import ValidationError
-
-from sweeper.errors import ConfigError
 from sweeper.params import Choices, Fixed, decode_choice, encode_choice
 from sweeper.space import Space
 
@@ -46,19 +42,3 @@ def suggest(
         params[field] = suggest_excluded(trial, backend, exclusion, rankings[backend])
     return backend, params
 
-
-def config_for(backend: str, params: dict[str, Any]) -> Any:
-    """Build the backend's validated config from suggested ``params``.
-
-    Raises:
-        ConfigError: when the combination is rejected by the config's own checks.
-    """
-    from sweeper.backends import get_backend
-
-    config_cls = get_backend(backend).Config
-    try:
-        # JSON mode: list values (as read back from a row's params_json) validate as tuples too
-        return config_cls.model_validate_json(json.dumps(params))
-    except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"backend '{backend}' rejects {params}: {detail}") from None

@@ -59,10 +59,9 @@ def _context(task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir:
 
 def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int) -> tuple[float, float]:
     from sweeper.backends import get_backend
-    from sweeper.sampling import config_for
     from sweeper.trial import evaluate
 
-    candidate = get_backend(backend).build(ctx, config_for(backend, params))
+    candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
     outputs, _ = evaluate(candidate.predict, baseline.task, eval_batch_size)
     return baseline.task.metric(outputs, baseline.labels), output_error(baseline.outputs, outputs)
 
@@ -70,11 +69,10 @@ def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_b
 def list_layers(task_ref: TaskRef, backend: str, params: dict[str, Any], eval_batch_size: int, num_threads: int) -> dict[str, Any]:
     """The quantizable layers, and the FP32 and fully quantized figures (a Ray task body)."""
     from sweeper.backends import get_backend
-    from sweeper.sampling import config_for
 
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
         baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir)
-        layers = get_backend(backend).quantizable_layers(ctx, config_for(backend, params))
+        layers = get_backend(backend).quantizable_layers(ctx, get_backend(backend).config(params))
         field = get_backend(backend).exclusion_field
         full_metric, full_error = _score(baseline, ctx, backend, {**params, field: ()}, eval_batch_size)
     return {"layers": layers, "metric_fp32": baseline.metric, "higher_is_better": baseline.task.higher_is_better,

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import results, study_folder
+from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.exclusion import study_rankings, warm_start_ladder
 from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
 from sweeper.rows import INTERRUPTED, counts_toward_budget, failed_result, make_row
-from sweeper.sampling import config_for, suggest
+from sweeper.sampling import suggest
 from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
 from sweeper.spec import MeasureSettings, TaskRef, TrialResult, TrialSpec
@@ -238,7 +239,7 @@ def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int, stop: 
                 backend, params = suggest(trial, ctx.space, ctx.rankings)
                 spec = ctx.spec(trial.number, backend, params)
                 try:
-                    config_for(backend, params)
+                    get_backend(backend).config(params)
                 except ConfigError as exc:
                     ctx.record(study, trial, spec, failed_result(str(exc)))
                     written += 1
@@ -348,7 +349,7 @@ def _first_params(space: Space) -> list[tuple[str, dict[str, Any]]]:
             for key, p in params.items()
         }
         try:
-            config_for(backend, first)
+            get_backend(backend).config(first)
         except ConfigError:
             continue
         pairs.append((backend, first))

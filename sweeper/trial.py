@@ -56,7 +56,7 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
 
     import torch
 
-    from sweeper.backends._torch import TorchCandidate
+    from sweeper.backends.torch.eager import TorchCandidate
     from sweeper.task import load_task
 
     task = load_task(task_ref.path, task_ref.attr)
@@ -88,7 +88,6 @@ def baseline_summary(
     """
     from sweeper.backends import BuildContext, get_backend
     from sweeper.cache import cache_dir
-    from sweeper.sampling import config_for
 
     _set_threads(num_threads)
     baseline = prepare_baseline(task_ref, measure.eval_batch_size)
@@ -98,7 +97,7 @@ def baseline_summary(
             cache_dir=cache_dir("models"), num_threads=num_threads,
         )
         for backend, params in preflight:
-            get_backend(backend).preflight(ctx, config_for(backend, params))
+            get_backend(backend).preflight(ctx, get_backend(backend).config(params))
     return {
         "metric": baseline.metric,
         "metric_name": baseline.task.metric_name,
@@ -133,16 +132,15 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> str:
     """Build, evaluate (cheap-first when asked) and time the candidate; return the trial's state."""
     from sweeper.backends import BuildContext, get_backend
-    from sweeper.backends._torch import TorchCandidate
+    from sweeper.backends.torch.eager import TorchCandidate
     from sweeper.cache import cache_dir
     from sweeper.measure import agreement_pct, max_abs_error, time_interleaved
-    from sweeper.sampling import config_for
 
     baseline = prepare_baseline(spec.task, spec.measure.eval_batch_size)
     task = baseline.task
     measured["baseline_size_bytes"] = baseline.size_bytes
     backend = get_backend(spec.backend)
-    config = config_for(spec.backend, spec.params)
+    config = backend.config(spec.params)
     with tempfile.TemporaryDirectory(prefix=f"sweeper-trial-{spec.trial_number}-") as workdir:
         ctx = BuildContext(
             model=baseline.model,

@@ -47,8 +47,7 @@ def get_backend(name: str) -> Backend:
     """
     if name not in BACKENDS:
         raise ConfigError(
-            f"unknown backend '{name}'.{did_you_mean(name, BACKENDS)} "
-            f"Known backends: {', '.join(sorted(BACKENDS))}."
+            f"unknown backend '{name}'.{did_you_mean(name, BACKENDS)} Known backends: {', '.join(sorted(BACKENDS))}."
         )
     module_name, _, class_name = BACKENDS[name].partition(":")
     backend = getattr(importlib.import_module(module_name), class_name)()

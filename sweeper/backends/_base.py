@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
+from sweeper.errors import ConfigError
 from sweeper.task import Batch, Task
 
 if TYPE_CHECKING:
@@ -27,6 +29,9 @@ class BackendConfig(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+ConfigT = TypeVar("ConfigT", bound=BackendConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +88,8 @@ class Candidate(ABC):
         return path.stat().st_size
 
 
-class Backend(ABC):
-    """A way to turn the FP32 model into a deployable candidate.
+class Backend(ABC, Generic[ConfigT]):
+    """A way to turn the FP32 model into a deployable candidate, configured by a ``ConfigT``.
 
     Subclasses set ``name``, ``Config``, ``hardware`` and ``min_agreement_pct`` (the top-1
     agreement with FP32 that the contract test demands on the digits task), and implement
@@ -93,14 +98,27 @@ class Backend(ABC):
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type[BackendConfig]]
+    Config: type[ConfigT]
     hardware: ClassVar[frozenset[Hardware]] = frozenset({"cpu"})
     min_agreement_pct: ClassVar[float] = 95.0
 
     # The config field listing layers to leave in float, for backends that can (None otherwise).
     exclusion_field: ClassVar[str | None] = None
 
-    def quantizable_layers(self, ctx: BuildContext, config: BackendConfig) -> list[tuple[str, str]]:
+    def config(self, params: dict[str, Any]) -> ConfigT:
+        """Build this backend's validated config from ``params`` (suggested, or read from a row).
+
+        Raises:
+            ConfigError: when the combination is rejected by the config's own checks.
+        """
+        try:
+            # JSON mode: list values (as read back from a row's params_json) validate as tuples too
+            return self.Config.model_validate_json(json.dumps(params))
+        except ValidationError as exc:
+            detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"backend '{self.name}' rejects {params}: {detail}") from None
+
+    def quantizable_layers(self, ctx: BuildContext, config: ConfigT) -> list[tuple[str, str]]:
         """The layers ``config`` would quantize, as (name, op type), in model order.
 
         Names are what :attr:`exclusion_field` takes. Only backends with an exclusion field
@@ -112,7 +130,7 @@ class Backend(ABC):
         """Return why this backend cannot run on this machine, or ``None`` if it can."""
         return None
 
-    def preflight(self, ctx: BuildContext, config: BackendConfig) -> None:
+    def preflight(self, ctx: BuildContext, config: ConfigT) -> None:
         """Check, once before any trial, that this backend can start from the task's model.
 
         Raises a :class:`~sweeper.errors.SweeperInputError` for a problem no trial could get
@@ -121,9 +139,9 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def build(self, ctx: BuildContext, config: BackendConfig) -> Candidate:
+    def build(self, ctx: BuildContext, config: ConfigT) -> Candidate:
         """Build a candidate from ``ctx.model`` with ``config``."""
 
     @abstractmethod
-    def load(self, artifact: Path, ctx: BuildContext, config: BackendConfig) -> Candidate:
+    def load(self, artifact: Path, ctx: BuildContext, config: ConfigT) -> Candidate:
         """Load a candidate from an artifact written by :meth:`Candidate.save`."""

@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._onnx import (
-    OnnxExportConfig,
-    export_onnx,
-    quiet,
-)
-from sweeper.backends._ort import (
+from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends.onnx.config import OnnxExportConfig
+from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.quiet import quiet
+from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
-    OrtBackend,
     check_nodes_to_exclude,
     graph_nodes,
 )
@@ -50,11 +48,11 @@ class OnnxRuntimeDynamicInt8Config(OnnxExportConfig):
     nodes_to_exclude: tuple[str, ...] = ()
 
 
-class OnnxRuntimeDynamicInt8(OrtBackend):
+class OnnxRuntimeDynamicInt8(OrtBackend[OnnxRuntimeDynamicInt8Config]):
     """ONNX Runtime dynamic int8 quantization (``quantize_dynamic``) of the exported model."""
 
     name: ClassVar[str] = "onnxruntime_dynamic_int8"
-    Config: ClassVar[type[OnnxRuntimeDynamicInt8Config]] = OnnxRuntimeDynamicInt8Config
+    Config: type[OnnxRuntimeDynamicInt8Config] = OnnxRuntimeDynamicInt8Config
     # Measured: 100% top-1 agreement on digits (360 samples) with int8 and uint8 weights, with
     # and without Conv.
     # The margin allows for CPUs without VNNI, where uint8 x int8 products can saturate.
@@ -70,14 +68,10 @@ class OnnxRuntimeDynamicInt8(OrtBackend):
 
     exclusion_field: ClassVar[str] = "nodes_to_exclude"
 
-    def quantizable_layers(  # type: ignore[override]
-        self, ctx: BuildContext, config: OnnxRuntimeDynamicInt8Config
-    ) -> list[tuple[str, str]]:
+    def quantizable_layers(self, ctx: BuildContext, config: OnnxRuntimeDynamicInt8Config) -> list[tuple[str, str]]:
         return self.quantizable_nodes(export_onnx(ctx, config), quantize_conv=config.quantize_conv)
 
-    def build(  # type: ignore[override]
-        self, ctx: BuildContext, config: OnnxRuntimeDynamicInt8Config
-    ) -> OnnxCandidate:
+    def build(self, ctx: BuildContext, config: OnnxRuntimeDynamicInt8Config) -> OnnxCandidate:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         fp32 = export_onnx(ctx, config)

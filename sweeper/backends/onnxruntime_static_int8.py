@@ -31,14 +31,12 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._onnx import (
-    OnnxExportConfig,
-    export_onnx,
-    quiet,
-)
-from sweeper.backends._ort import (
+from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends.onnx.config import OnnxExportConfig
+from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.quiet import quiet
+from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
-    OrtBackend,
     check_nodes_to_exclude,
     graph_nodes,
 )
@@ -64,14 +62,29 @@ TENSORRT_QDQ_OPTIONS: dict[str, bool] = {
 }
 
 
-class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
-    """Settings of ONNX Runtime static quantization.
+class StaticQuantizationConfig(OnnxExportConfig):
+    """What every ONNX Runtime static int8 quantization of the export is configured with: this
+    backend's, and the QDQ model a ``tensorrt`` int8 engine is built from.
 
     Attributes:
         calibration_method: how activation ranges are computed from the calibration samples.
         calibration_samples: how many calibration samples (at most the task's calibration size,
             checked at build).
         per_channel: one weight scale per output channel instead of per tensor.
+        nodes_to_exclude: ONNX node names to leave in float (see :func:`static_quantizable_nodes`).
+    """
+
+    calibration_method: CalibrationMethod = "minmax"
+    calibration_samples: int = Field(default=128, ge=1)
+    per_channel: bool = False
+    nodes_to_exclude: tuple[str, ...] = ()
+
+
+class OnnxRuntimeStaticInt8Config(StaticQuantizationConfig):
+    """Settings of ONNX Runtime static quantization (besides the calibration fields and
+    ``nodes_to_exclude``, see :class:`StaticQuantizationConfig`).
+
+    Attributes:
         quant_format: ``"qdq"`` (QuantizeLinear/DequantizeLinear pairs, fused by ORT) or
             ``"qoperator"`` (QLinearConv, QLinearMatMul, ...).
         activation_type: integer type of activations.
@@ -80,19 +93,13 @@ class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
         qdq_target: the runtime the QDQ model is made for. ``"tensorrt"`` makes what TensorRT's
             explicit quantization accepts (see :data:`TENSORRT_QDQ_OPTIONS`); it needs
             ``quant_format="qdq"`` and int8 activations and weights. The model still runs on ORT.
-        nodes_to_exclude: ONNX node names to leave in float (see
-            :meth:`OnnxRuntimeStaticInt8.quantizable_nodes`).
     """
 
-    calibration_method: CalibrationMethod = "minmax"
-    calibration_samples: int = Field(default=128, ge=1)
-    per_channel: bool = False
     quant_format: Literal["qdq", "qoperator"] = "qdq"
     activation_type: IntType = "uint8"
     weight_type: IntType = "int8"
     reduce_range: bool = False
     qdq_target: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    nodes_to_exclude: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check_types(self) -> Self:
@@ -113,11 +120,11 @@ class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
         return self
 
 
-class OnnxRuntimeStaticInt8(OrtBackend):
+class OnnxRuntimeStaticInt8(OrtBackend[OnnxRuntimeStaticInt8Config]):
     """ONNX Runtime static int8 quantization (``quantize_static``) of the exported model."""
 
     name: ClassVar[str] = "onnxruntime_static_int8"
-    Config: ClassVar[type[OnnxRuntimeStaticInt8Config]] = OnnxRuntimeStaticInt8Config
+    Config: type[OnnxRuntimeStaticInt8Config] = OnnxRuntimeStaticInt8Config
     # Measured: 100% top-1 agreement on digits (360 samples) with every tested config (all four
     # calibration methods, QDQ and QOperator, per-channel, reduce-range, both activation types).
     # The margin allows for CPUs without VNNI, where uint8 x int8 products can saturate.
@@ -127,89 +134,116 @@ class OnnxRuntimeStaticInt8(OrtBackend):
     def quantizable_nodes(self, onnx_path: Path) -> list[tuple[str, str]]:
         """Return ``(name, op_type)`` of the nodes ``quantize_static`` may quantize in ``onnx_path``.
 
-        Pass the FP32 model the backend quantizes (:func:`sweeper.backends._onnx.export_onnx`).
+        Pass the FP32 model the backend quantizes (:func:`sweeper.backends.onnx.export.export_onnx`).
         """
-        return graph_nodes(onnx_path, _static_op_types())
+        return static_quantizable_nodes(onnx_path)
 
     exclusion_field: ClassVar[str] = "nodes_to_exclude"
 
-    def quantizable_layers(  # type: ignore[override]
-        self, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config
-    ) -> list[tuple[str, str]]:
+    def quantizable_layers(self, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config) -> list[tuple[str, str]]:
         return self.quantizable_nodes(export_onnx(ctx, config))
 
-    def build(  # type: ignore[override]
-        self, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config
-    ) -> OnnxCandidate:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
+    def build(self, ctx: BuildContext, config: OnnxRuntimeStaticInt8Config) -> OnnxCandidate:
+        return OnnxCandidate(quantize_static_int8(ctx, config), ctx.num_threads)
 
-        check_sample_count(ctx.task, config.calibration_samples)
-        fp32 = export_onnx(ctx, config)
-        check_nodes_to_exclude(
-            config.nodes_to_exclude,
-            self.quantizable_nodes(fp32),
-            f"task '{ctx.task.name}' exported with '{config.exporter}' at opset {config.opset}",
-        )
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-            "distribution": CalibrationMethod.Distribution,
-        }[config.calibration_method]
-        types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-        formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
-        calibration_options: dict[str, Any] = (
-            {"CalibPercentile": PERCENTILE} if config.calibration_method == "percentile" else {}
-        )
-        extra_options = dict(calibration_options)
-        if config.calibration_method == "distribution":
-            extra_options["ActivationSymmetric"] = True  # see the module docstring
-        if config.qdq_target == "tensorrt":
-            extra_options.update(TENSORRT_QDQ_OPTIONS)
 
-        # The exported file's name keys the task and its weights; the calibration split is taken
-        # to be fixed for them (it is read only on a cache miss).
-        key = cache_key(options=calibration_options, calibration_size=ctx.task.calibration_size)
-        cached_ranges = ctx.cache_dir / "calibration" / (
-            f"{fp32.stem}-{config.calibration_method}-{config.calibration_samples}-{key}.json"
-        )
-        # On a miss ORT writes the ranges to a scratch file named like the cache entry, so a workdir
-        # shared by builds with other calibration settings never hands ORT stale ranges.
-        ranges = cached_ranges if cached_ranges.is_file() else ctx.workdir / f"calibration-{cached_ranges.name}"
-        output = ctx.workdir / "model_int8.onnx"
-        reader = CalibrationReader(
-            ctx.task.calibration_batches(config.calibration_samples), config.calibration_samples
-        )
-        with quiet():
-            try:
-                quantize_static(
-                    str(fp32),
-                    str(output),
-                    calibration_data_reader=reader,
-                    quant_format=formats[config.quant_format],
-                    per_channel=config.per_channel,
-                    reduce_range=config.reduce_range,
-                    activation_type=types[config.activation_type],
-                    weight_type=types[config.weight_type],
-                    nodes_to_exclude=list(config.nodes_to_exclude),
-                    calibrate_method=method,
-                    extra_options=extra_options,
-                    calibration_cache_path=str(ranges),
-                )
-            except Exception as exc:
-                raise RuntimeError(
-                    f"ONNX Runtime static quantization of task '{ctx.task.name}' failed with "
-                    f"{config.model_dump()}: {type(exc).__name__}: {exc}"
-                ) from exc
-        if ranges != cached_ranges:
-            cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
-        return OnnxCandidate(output, ctx.num_threads)
+def static_quantizable_nodes(onnx_path: Path) -> list[tuple[str, str]]:
+    """Return ``(name, op_type)`` of the nodes ``quantize_static`` may quantize in ``onnx_path``."""
+    return graph_nodes(onnx_path, _static_op_types())
 
+
+def quantize_static_int8(ctx: BuildContext, config: OnnxRuntimeStaticInt8Config) -> Path:
+    """Export the model and quantize it with ``quantize_static``; return the int8 file (in ``ctx.workdir``).
+
+    Calibration ranges are cached per machine (see the module docstring).
+
+    Raises:
+        ConfigError: when ``nodes_to_exclude`` names nodes that are not quantizable.
+        RuntimeError: when ONNX Runtime's quantizer fails, with the config.
+    """
+    check_sample_count(ctx.task, config.calibration_samples)
+    fp32 = export_onnx(ctx, config)
+    check_nodes_to_exclude(
+        config.nodes_to_exclude,
+        static_quantizable_nodes(fp32),
+        f"task '{ctx.task.name}' exported with '{config.exporter}' at opset {config.opset}",
+    )
+    cached_ranges = _cached_ranges_path(ctx, fp32, config)
+    # On a miss ORT writes the ranges to a scratch file named like the cache entry, so a workdir
+    # shared by builds with other calibration settings never hands ORT stale ranges.
+    ranges = cached_ranges if cached_ranges.is_file() else ctx.workdir / f"calibration-{cached_ranges.name}"
+    output = ctx.workdir / "model_int8.onnx"
+    _run_quantize_static(ctx, fp32, output, ranges, config)
+    if ranges != cached_ranges:
+        cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
+    return output
+
+
+def _calibration_options(config: OnnxRuntimeStaticInt8Config) -> dict[str, Any]:
+    """The ``extra_options`` the calibration ranges depend on."""
+    return {"CalibPercentile": PERCENTILE} if config.calibration_method == "percentile" else {}
+
+
+def _extra_options(config: OnnxRuntimeStaticInt8Config) -> dict[str, Any]:
+    extra_options = _calibration_options(config)
+    if config.calibration_method == "distribution":
+        extra_options["ActivationSymmetric"] = True  # see the module docstring
+    if config.qdq_target == "tensorrt":
+        extra_options.update(TENSORRT_QDQ_OPTIONS)
+    return extra_options
+
+
+def _cached_ranges_path(ctx: BuildContext, fp32: Path, config: OnnxRuntimeStaticInt8Config) -> Path:
+    """Where the calibration ranges of ``config`` on the export ``fp32`` are cached on this machine."""
+    # The exported file's name keys the task and its weights; the calibration split is taken
+    # to be fixed for them (it is read only on a cache miss).
+    key = cache_key(options=_calibration_options(config), calibration_size=ctx.task.calibration_size)
+    return ctx.cache_dir / "calibration" / (
+        f"{fp32.stem}-{config.calibration_method}-{config.calibration_samples}-{key}.json"
+    )
+
+
+def _run_quantize_static(
+    ctx: BuildContext, fp32: Path, output: Path, ranges: Path, config: OnnxRuntimeStaticInt8Config
+) -> None:
+    """Run ``quantize_static`` on ``fp32`` into ``output``, reading or writing the ranges at ``ranges``."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+        "distribution": CalibrationMethod.Distribution,
+    }[config.calibration_method]
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+    reader = CalibrationReader(ctx.task.calibration_batches(config.calibration_samples), config.calibration_samples)
+    with quiet():
+        try:
+            quantize_static(
+                str(fp32),
+                str(output),
+                calibration_data_reader=reader,
+                quant_format=formats[config.quant_format],
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                activation_type=types[config.activation_type],
+                weight_type=types[config.weight_type],
+                nodes_to_exclude=list(config.nodes_to_exclude),
+                calibrate_method=method,
+                extra_options=_extra_options(config),
+                calibration_cache_path=str(ranges),
+            )
+        except Exception as exc:
+            raise RuntimeError(
+                f"ONNX Runtime static quantization of task '{ctx.task.name}' failed with "
+                f"{config.model_dump()}: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _static_op_types() -> set[str]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._torch import (
+from sweeper.backends.torch.eager import (
     STATE_DICT_FILE,
     TorchCandidate,
     load_state_dict,
@@ -77,11 +77,11 @@ class CompiledCandidate(TorchCandidate):
         return target
 
 
-class TorchCompile(Backend):
+class TorchCompile(Backend[TorchCompileConfig]):
     """The FP32 model compiled by ``torch.compile(backend="inductor")``."""
 
     name: ClassVar[str] = "torch_compile"
-    Config: ClassVar[type[TorchCompileConfig]] = TorchCompileConfig
+    Config: type[TorchCompileConfig] = TorchCompileConfig
     # Measured: 100% top-1 agreement on digits with every mode (FP32; kernels reorder sums and
     # freezing folds BatchNorm, which changes outputs by about 1e-5).
     min_agreement_pct: ClassVar[float] = 99.0
@@ -110,14 +110,10 @@ class TorchCompile(Backend):
             )
         return None
 
-    def build(  # type: ignore[override]
-        self, ctx: BuildContext, config: TorchCompileConfig
-    ) -> CompiledCandidate:
+    def build(self, ctx: BuildContext, config: TorchCompileConfig) -> CompiledCandidate:
         return _compiled(copy.deepcopy(ctx.model).eval(), ctx, config)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: TorchCompileConfig
-    ) -> CompiledCandidate:
+    def load(self, artifact: Path, ctx: BuildContext, config: TorchCompileConfig) -> CompiledCandidate:
         model = copy.deepcopy(ctx.model).eval()
         model.load_state_dict(load_state_dict(artifact))
         return _compiled(model, ctx, config)

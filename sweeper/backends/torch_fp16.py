@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext, Hardware
-from sweeper.backends._torch_device import (
+from sweeper.backends.torch.device import (
     DeviceTorchCandidate,
     cuda_device,
     cuda_unavailable_reason,
@@ -38,11 +38,11 @@ class TorchFP16Config(BackendConfig):
     channels_last: bool = False
 
 
-class TorchFP16(Backend):
+class TorchFP16(Backend[TorchFP16Config]):
     """The FP32 model converted with ``.half()`` and run on a CUDA GPU."""
 
     name: ClassVar[str] = "torch_fp16"
-    Config: ClassVar[type[TorchFP16Config]] = TorchFP16Config
+    Config: type[TorchFP16Config] = TorchFP16Config
     hardware: ClassVar[frozenset[Hardware]] = frozenset({"gpu"})
     # Not measured on a GPU yet (none was available). Emulated on the CPU (model.half() with
     # float16 inputs, torch 2.14): 100% top-1 agreement on digits (360 samples), max |logit error|
@@ -52,15 +52,11 @@ class TorchFP16(Backend):
     def unavailable_reason(self) -> str | None:
         return cuda_unavailable_reason()
 
-    def build(  # type: ignore[override]
-        self, ctx: BuildContext, config: TorchFP16Config
-    ) -> DeviceTorchCandidate:
+    def build(self, ctx: BuildContext, config: TorchFP16Config) -> DeviceTorchCandidate:
         device = _require_cuda(ctx)
         return _candidate(_half_module(ctx.model, device, config), ctx, device, config)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: TorchFP16Config
-    ) -> DeviceTorchCandidate:
+    def load(self, artifact: Path, ctx: BuildContext, config: TorchFP16Config) -> DeviceTorchCandidate:
         device = _require_cuda(ctx)
         module = load_module_state(_half_module(ctx.model, device, config), artifact)
         return _candidate(module, ctx, device, config)

@@ -1,7 +1,7 @@
 """PyTorch quantization-aware training (QAT) int8: fine-tune with fake quantization, then convert.
 
 Flow: FX graph mode (``prepare_qat_fx`` -> fine-tune -> ``convert_fx``); see
-:mod:`sweeper.backends._torch_ao` for why. The fine-tuning runs on the task's training split
+:mod:`sweeper.backends.torch.fx_int8` for why. The fine-tuning runs on the task's training split
 (:meth:`sweeper.task.Task.train_batches`) for ``epochs`` passes with AdamW at a constant
 ``learning_rate`` (a schedule would need the split's size, which the task contract does not
 give without a pass over it), with a fixed seed. BatchNorm statistics stay
@@ -22,13 +22,8 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import Field
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._jit import (
-    TorchScriptCandidate,
-    example_args,
-    trace,
-)
-from sweeper.backends._torch import quiet_torch_quantization
-from sweeper.backends._torch_ao import (
+from sweeper.backends.torch.eager import quiet_torch_quantization
+from sweeper.backends.torch.fx_int8 import (
     FxInt8Backend,
     Int8Config,
     activation_range,
@@ -39,6 +34,7 @@ from sweeper.backends._torch_ao import (
     set_engine,
     weight_observer,
 )
+from sweeper.backends.torch.jit import TorchScriptCandidate, example_args, trace
 from sweeper.errors import TaskError
 
 if TYPE_CHECKING:
@@ -53,7 +49,7 @@ MAX_EPOCHS = 20
 
 class TorchQatInt8Config(Int8Config):
     """Settings of PyTorch quantization-aware training (besides ``engine``, ``per_channel`` and
-    ``excluded_layers``, see :class:`sweeper.backends._torch_ao.Int8Config`).
+    ``excluded_layers``, see :class:`sweeper.backends.torch.fx_int8.Int8Config`).
 
     Attributes:
         epochs: passes over the task's training split.
@@ -65,11 +61,11 @@ class TorchQatInt8Config(Int8Config):
     learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
 
 
-class TorchQatInt8(FxInt8Backend):
+class TorchQatInt8(FxInt8Backend[TorchQatInt8Config]):
     """PyTorch FX graph mode quantization-aware training, run and saved as TorchScript."""
 
     name: ClassVar[str] = "torch_qat_int8"
-    Config: ClassVar[type[TorchQatInt8Config]] = TorchQatInt8Config
+    Config: type[TorchQatInt8Config] = TorchQatInt8Config
     # Measured on digits (360 samples), every engine, per-channel or per-tensor: 99.7% top-1
     # agreement at the default config, 99.7 to 100% for 1 to 5 epochs at learning rates from 1e-5
     # to 3e-4 (fine-tuning changes the model, so 100% is not the rule as with static). One epoch
@@ -78,7 +74,7 @@ class TorchQatInt8(FxInt8Backend):
 
 
 
-    def preflight(self, ctx: BuildContext, config: TorchQatInt8Config) -> None:  # type: ignore[override]
+    def preflight(self, ctx: BuildContext, config: TorchQatInt8Config) -> None:
         """Check that the task has a training split and its model a layer to quantize."""
         self._check_training_split(ctx.task)
         super().preflight(ctx, config)
@@ -87,9 +83,7 @@ class TorchQatInt8(FxInt8Backend):
         if not task.has_training_split:
             raise TaskError(f"task '{task.name}' has no training split; {self.name} needs one")
 
-    def build(  # type: ignore[override]
-        self, ctx: BuildContext, config: TorchQatInt8Config
-    ) -> TorchScriptCandidate:
+    def build(self, ctx: BuildContext, config: TorchQatInt8Config) -> TorchScriptCandidate:
         import torch
         from torch.ao.quantization import QConfig
         from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Self
 from pydantic import model_validator
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
-from sweeper.backends._jit import (
+from sweeper.backends.torch.eager import torch_unavailable_reason
+from sweeper.backends.torch.jit import (
     TorchScriptCandidate,
     TorchScriptError,
     load_torchscript,
     quiet_jit,
     trace,
 )
-from sweeper.backends._torch import torch_unavailable_reason
 
 if TYPE_CHECKING:
     import torch
@@ -62,11 +62,11 @@ class TorchScriptConfig(BackendConfig):
         return self
 
 
-class TorchScriptFP32(Backend):
+class TorchScriptFP32(Backend[TorchScriptConfig]):
     """The FP32 model as TorchScript."""
 
     name: ClassVar[str] = "torchscript"
-    Config: ClassVar[type[TorchScriptConfig]] = TorchScriptConfig
+    Config: type[TorchScriptConfig] = TorchScriptConfig
     # Measured: 100% top-1 agreement on digits and on the GRU task with every config (FP32;
     # freezing and oneDNN fold BatchNorm, which changes outputs by about 1e-5).
     min_agreement_pct: ClassVar[float] = 99.0
@@ -74,9 +74,7 @@ class TorchScriptFP32(Backend):
     def unavailable_reason(self) -> str | None:
         return torch_unavailable_reason()
 
-    def build(  # type: ignore[override]
-        self, ctx: BuildContext, config: TorchScriptConfig
-    ) -> TorchScriptCandidate:
+    def build(self, ctx: BuildContext, config: TorchScriptConfig) -> TorchScriptCandidate:
         import torch
 
         model = copy.deepcopy(ctx.model).eval()
@@ -97,9 +95,7 @@ class TorchScriptFP32(Backend):
                 module = torch.jit.freeze(module)
         return TorchScriptCandidate(_after_load(module, config), ctx.task.input_names, ctx.num_threads, saved=module)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: TorchScriptConfig
-    ) -> TorchScriptCandidate:
+    def load(self, artifact: Path, ctx: BuildContext, config: TorchScriptConfig) -> TorchScriptCandidate:
         return load_torchscript(artifact, ctx.task, ctx.num_threads, lambda m: _after_load(m, config))
 
 

@@ -177,7 +177,7 @@ class TestBackendContract:
         )
 
     def test_build_leaves_the_fp32_model_untouched(self, built: Built) -> None:
-        from sweeper.backends._onnx import model_fingerprint
+        from sweeper.backends.onnx.export import model_fingerprint
 
         assert not built.ref.model.training
         assert model_fingerprint(built.ref.model) == model_fingerprint(built.ref.task.build_model())
@@ -195,7 +195,7 @@ def _context(ref: Reference, cache_dir: Path, workdir: Path) -> BuildContext:
 def test_a_model_that_will_not_export_names_task_exporter_opset_and_reason(
     exporter: str, opset: int, tmp_path: Path
 ) -> None:
-    from sweeper.backends._onnx import OnnxExportError
+    from sweeper.backends.onnx.config import OnnxExportError
     from sweeper.errors import SweeperInputError
 
     task = load_task(str(ROOT / "tests" / "fixtures" / "tasks" / "digits_unexportable.py"))
@@ -212,7 +212,7 @@ def test_a_model_that_will_not_export_names_task_exporter_opset_and_reason(
 
 
 def test_the_export_is_cached_per_machine(shared_cache_dir: Path, tmp_path: Path) -> None:
-    from sweeper.backends._onnx import export_onnx
+    from sweeper.backends.onnx.export import export_onnx
 
     ctx = _context(_reference("digits"), shared_cache_dir, tmp_path)
     first = export_onnx(ctx, opset=17, exporter="torchscript")
@@ -251,7 +251,7 @@ def test_static_calibration_samples_beyond_the_task_are_rejected(shared_cache_di
 def test_static_nodes_to_exclude_stay_in_float(shared_cache_dir: Path, tmp_path: Path) -> None:
     import onnx
 
-    from sweeper.backends._onnx import export_onnx
+    from sweeper.backends.onnx.export import export_onnx
 
     backend = get_backend("onnxruntime_static_int8")
     ref = _reference("digits")
@@ -304,7 +304,7 @@ def test_torch_dynamic_int8_quantizes_only_the_chosen_layers(tmp_path: Path) -> 
 def test_dynamic_nodes_to_exclude_name_the_exported_gemm_nodes(shared_cache_dir: Path, tmp_path: Path) -> None:
     import onnx
 
-    from sweeper.backends._onnx import export_onnx
+    from sweeper.backends.onnx.export import export_onnx
 
     backend = get_backend("onnxruntime_dynamic_int8")
     ctx = _context(_reference("digits"), shared_cache_dir, tmp_path)

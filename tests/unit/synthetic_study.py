@@ -90,6 +90,7 @@ def make_study(root: Path, *, sensitivity: bool = True, journal: bool = True) ->
             "params_json": json.dumps(t.params, sort_keys=True), "started_at": now, "finished_at": now,
             "metric_name": "top1_accuracy_pct", "accuracy_fp32": 98.0, "drop_mode": "absolute",
             "max_drop": MAX_DROP, "num_threads": 1, "batch_size": 1, "device": "cpu", "cpu_model": "Synthetic CPU",
+            "excluded_layers": t.params.get("nodes_to_exclude"),
         }  # fmt: skip
         if t.state == "complete":
             artifact.parent.mkdir(parents=True, exist_ok=True)

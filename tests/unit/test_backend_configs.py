@@ -10,9 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from sweeper.backends import BACKENDS, Backend, BackendConfig, get_backend
-from sweeper.backends._ort import (
-    check_nodes_to_exclude,
-)
+from sweeper.backends.onnx.runtime import check_nodes_to_exclude
 from sweeper.backends.onnxruntime_static_int8 import _even_batches
 from sweeper.errors import ConfigError
 

@@ -132,7 +132,7 @@ def test_half_inputs_are_cast_at_the_candidate_boundary(digits: tuple) -> None:
 
     import torch
 
-    from sweeper.backends._torch_device import DeviceTorchCandidate
+    from sweeper.backends.torch.device import DeviceTorchCandidate
 
     task, model = digits
     candidate = DeviceTorchCandidate(copy.deepcopy(model).half(), task.input_names, 1, input_dtype=torch.float16)
@@ -197,3 +197,13 @@ def test_cuda_candidates_agree_with_fp32_and_reload(
     assert agreement >= backend.min_agreement_pct
     loaded = backend.load(candidate.save(tmp_path / "artifact"), _ctx(digits, tmp_path), config)
     np.testing.assert_array_equal(loaded.predict(batches[0]), candidate.predict(batches[0]))
+
+
+def test_onnxruntime_fp16_exclusion_field_takes_its_quantizable_layers(digits: tuple, tmp_path: Path) -> None:
+    backend = get_backend("onnxruntime_fp16")
+    assert backend.exclusion_field == "nodes_to_exclude"
+    layers = backend.quantizable_layers(_ctx(digits, tmp_path), backend.config({}))
+    assert ("/classifier/classifier.3/Gemm", "Gemm") in layers and ("/features/features.0/Conv", "Conv") in layers
+    config = backend.config({backend.exclusion_field: [layers[0][0]]})
+    assert backend.build(_ctx(digits, tmp_path), config).predict(digits[0].example_inputs(2)).shape == (2, 10)
+

@@ -193,7 +193,7 @@ def test_static_calibration_samples_beyond_the_task_are_rejected(tmp_path: Path)
 def test_an_engine_this_build_lacks_is_rejected_with_the_supported_ones() -> None:
     import torch
 
-    from sweeper.backends._torch_ao import set_engine
+    from sweeper.backends.torch.fx_int8 import set_engine
 
     with pytest.raises(ConfigError) as info:
         set_engine("no_such_engine", "torch_static_int8")
@@ -316,7 +316,7 @@ class _ToyTask(Task):
 def test_a_model_torchscript_cannot_take_is_rejected_with_the_reason(
     toy: str, values: dict[str, Any], mentions: str, tmp_path: Path
 ) -> None:
-    from sweeper.backends._jit import TorchScriptError
+    from sweeper.backends.torch.jit import TorchScriptError
     from sweeper.errors import SweeperInputError
 
     task = _ToyTask(_toy_modules()[toy])
@@ -328,7 +328,7 @@ def test_a_model_torchscript_cannot_take_is_rejected_with_the_reason(
 
 
 def test_a_model_fx_cannot_trace_is_rejected_before_quantizing(tmp_path: Path) -> None:
-    from sweeper.backends._torch_ao import QuantizationError
+    from sweeper.backends.torch.fx_int8 import QuantizationError
 
     task = _ToyTask(_toy_modules()["batch_dependent"])
     backend = get_backend("torch_static_int8")

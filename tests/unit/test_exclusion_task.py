@@ -97,7 +97,7 @@ def test_model_shapes_and_fp32_accuracy() -> None:
 def test_full_int8_breaks_the_budget_and_excluding_the_input_norm_mends_it(
     per_channel: bool, tmp_path: Path
 ) -> None:
-    from sweeper.backends._onnx import export_onnx
+    from sweeper.backends.onnx.export import export_onnx
 
     backend = get_backend("onnxruntime_static_int8")
 

@@ -230,11 +230,10 @@ def test_mobilenet_latency_model_is_seeded_and_takes_any_batch() -> None:
 def test_minilm_converts_to_onnx_float16(minilm: Task, tmp_path) -> None:
     """A transformer export (int64 inputs, a Cast of the attention mask) loads and predicts in FP16."""
     from sweeper.backends import BuildContext, get_backend
-    from sweeper.sampling import config_for
 
     model = minilm.build_model()
     ctx = BuildContext(model=model, task=minilm, workdir=tmp_path, cache_dir=tmp_path, num_threads=1)
-    candidate = get_backend("onnxruntime_fp16").build(ctx, config_for("onnxruntime_fp16", {}))
+    candidate = get_backend("onnxruntime_fp16").build(ctx, get_backend("onnxruntime_fp16").config({}))
     batch = minilm.example_inputs(4)
     expected = _forward(model, minilm, batch)
     got = candidate.predict(batch)

@@ -6,9 +6,10 @@ from pathlib import Path
 import optuna
 import pytest
 
+from sweeper.backends import get_backend
 from sweeper.errors import ConfigError
 from sweeper.params import Choices, Fixed, Range
-from sweeper.sampling import config_for, suggest
+from sweeper.sampling import suggest
 from sweeper.space import load_space
 
 BASE = """
@@ -121,7 +122,7 @@ def test_suggest_is_define_by_run_and_yields_valid_configs(root: Path) -> None:
         backend, params = suggest(trial, space)
         seen.add(backend)
         assert all(name == "backend" or name.startswith(f"{backend}.") for name in trial.params)
-        config = config_for(backend, params)
+        config = get_backend(backend).config(params)
         assert config.model_dump(include=set(params)) == params
         if backend == "onnxruntime_static_int8":
             assert 16 <= params["calibration_samples"] <= 256

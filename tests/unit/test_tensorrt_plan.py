@@ -20,15 +20,13 @@ from pydantic import ValidationError
 from sweeper.backends import BuildContext, get_backend
 from sweeper.backends.tensorrt import (
     ONNX_SOURCES,
-    TORCH_DTYPES,
     TensorRTConfig,
-    batch_chunks,
     plan_engine,
     prepare_onnx,
     profile_shapes,
     qdq_config,
-    timing_cache_name,
 )
+from sweeper.backends.tensorrt_engine import TORCH_DTYPES, batch_chunks, timing_cache_name
 from sweeper.errors import BackendUnavailableError
 from sweeper.task import Batch, LabeledBatch, Task, load_task
 
@@ -212,9 +210,7 @@ def test_int8_builds_from_a_qdq_model_tensorrt_accepts(built_onnx: dict[str, Pat
 def test_the_files_run_and_agree_on_the_cpu(built_onnx: dict[str, Path], digits: Task) -> None:
     import torch
 
-    from sweeper.backends._ort import (
-    OnnxCandidate,
-)
+    from sweeper.backends.onnx.runtime import OnnxCandidate
 
     model = digits.build_model()
     batches = [batch for batch, _ in digits.eval_batches()]
@@ -224,6 +220,20 @@ def test_the_files_run_and_agree_on_the_cpu(built_onnx: dict[str, Path], digits:
         actual = np.concatenate([OnnxCandidate(path, 1).predict(b) for b in batches])
         agreement = float(np.mean(actual.argmax(-1) == expected.argmax(-1)) * 100)
         assert agreement >= get_backend("tensorrt").min_agreement_pct, precision
+
+
+def test_quantizable_layers_follow_the_precision(digits: Task, tmp_path: Path) -> None:
+    from sweeper.backends.onnx.export import export_onnx
+    from sweeper.backends.onnxruntime_fp16 import convertible_nodes
+    from sweeper.backends.onnxruntime_static_int8 import static_quantizable_nodes
+
+    backend = get_backend("tensorrt")
+    assert backend.exclusion_field == "nodes_to_exclude"
+    ctx = BuildContext(model=digits.build_model(), task=digits, workdir=tmp_path, cache_dir=tmp_path, num_threads=1)
+    fp32 = export_onnx(ctx, backend.config({}))
+    assert backend.quantizable_layers(ctx, backend.config({"precision": "int8"})) == static_quantizable_nodes(fp32)
+    assert backend.quantizable_layers(ctx, backend.config({"precision": "fp16"})) == convertible_nodes(fp32)
+    assert backend.quantizable_layers(ctx, backend.config({"precision": "fp32"})) == []
 
 
 # --- without TensorRT or a GPU ------------------------------------------------------------------

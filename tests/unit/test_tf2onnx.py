@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from sweeper.backends import BuildContext, get_backend
-from sweeper.backends._onnx import OnnxExportError
-from sweeper.backends._tf2onnx import is_keras_model, tf2onnx_unavailable_reason
+from sweeper.backends.onnx.config import OnnxExportError
+from sweeper.backends.onnx.tf2onnx import is_keras_model, tf2onnx_unavailable_reason
 from sweeper.task import load_task
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def keras_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, objec
 
 
 def _agreement(candidate: object, task: object, model: object) -> tuple[float, float]:
-    from sweeper.backends._tf2onnx import keras_outputs
+    from sweeper.backends.onnx.tf2onnx import keras_outputs
 
     batches = [batch for batch, _ in task.eval_batches()]  # type: ignore[attr-defined]
     expected = np.concatenate([keras_outputs(model, task, b) for b in batches])  # type: ignore[arg-type]

@@ -58,14 +58,13 @@ def test_a_failing_build_is_a_failed_result(tmp_path: Path, digits_task_path: Pa
 def test_quantizable_layers_are_what_exclusion_takes(tmp_path: Path, digits_task_path: Path, backend: str) -> None:
     from sweeper.backends import BuildContext, get_backend
     from sweeper.cache import cache_dir
-    from sweeper.sampling import config_for
     from sweeper.trial import prepare_baseline
 
     baseline = prepare_baseline(TaskRef(name="digits_cnn", path=str(digits_task_path)), 256)
     ctx = BuildContext(model=baseline.model, task=baseline.task, workdir=tmp_path, cache_dir=cache_dir("models"), num_threads=1)
     impl = get_backend(backend)
-    layers = impl.quantizable_layers(ctx, config_for(backend, {}))
+    layers = impl.quantizable_layers(ctx, impl.config({}))
     assert layers and all(isinstance(n, str) and isinstance(op, str) for n, op in layers)
     excluded = (layers[0][0],)
-    candidate = impl.build(ctx, config_for(backend, {impl.exclusion_field: excluded}))
+    candidate = impl.build(ctx, impl.config({impl.exclusion_field: excluded}))
     assert candidate.predict(baseline.task.example_inputs(2)).shape == (2, 10)

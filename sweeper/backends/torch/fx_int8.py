@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
 from pydantic import field_validator
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import torch
     from torch.ao.quantization import QConfig
 
-    from sweeper.backends._jit import TorchScriptCandidate
+    from sweeper.backends.torch.jit import TorchScriptCandidate
 
 Engine = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 # Layer types FX static quantization turns into int8 modules with every engine here.
@@ -225,29 +225,30 @@ def fp32_copy(model: torch.nn.Module, *, train: bool) -> torch.nn.Module:
     return copy.deepcopy(model).train(train)
 
 
-class FxInt8Backend(Backend):
+Int8ConfigT = TypeVar("Int8ConfigT", bound=Int8Config)
+
+
+class FxInt8Backend(Backend[Int8ConfigT]):
     """What the FX int8 backends (static, QAT) share: availability, layer exclusion, preflight,
     and loading the traced TorchScript artifact."""
 
     exclusion_field: ClassVar[str] = "excluded_layers"
 
     def unavailable_reason(self) -> str | None:
-        from sweeper.backends._torch import torch_unavailable_reason
+        from sweeper.backends.torch.eager import torch_unavailable_reason
 
         return torch_unavailable_reason()
 
-    def quantizable_layers(self, ctx: BuildContext, config: BackendConfig) -> list[tuple[str, str]]:
+    def quantizable_layers(self, ctx: BuildContext, config: Int8ConfigT) -> list[tuple[str, str]]:
         """Return ``(module name, type name)`` of the layers ``excluded_layers`` may name."""
         return quantizable_layers(ctx.model)
 
-    def preflight(self, ctx: BuildContext, config: BackendConfig) -> None:
+    def preflight(self, ctx: BuildContext, config: Int8ConfigT) -> None:
         """Check that the task's model is FX-traceable and has a layer to quantize."""
         model_layers(ctx.model, ctx.task, self.name)
 
-    def load(  # type: ignore[override]
-        self, artifact: Path, ctx: BuildContext, config: Int8Config
-    ) -> TorchScriptCandidate:
-        from sweeper.backends._jit import load_torchscript
+    def load(self, artifact: Path, ctx: BuildContext, config: Int8ConfigT) -> TorchScriptCandidate:
+        from sweeper.backends.torch.jit import load_torchscript
 
         set_engine(config.engine, self.name)  # packed weights are re-packed for it on load
         return load_torchscript(artifact, ctx.task, ctx.num_threads)

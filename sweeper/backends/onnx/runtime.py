@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext, Candidate
+from sweeper.backends._base import Candidate
 from sweeper.errors import ConfigError, did_you_mean
 from sweeper.task import Batch
 
@@ -47,9 +47,7 @@ def graph_nodes(path: Path, op_types: Collection[str]) -> list[tuple[str, str]]:
     return [(node.name, node.op_type) for node in graph.node if node.op_type in op_types]
 
 
-def check_nodes_to_exclude(
-    nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str
-) -> None:
+def check_nodes_to_exclude(nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str) -> None:
     """Raise ``ConfigError`` naming the ``nodes_to_exclude`` that are not ``quantizable`` nodes.
 
     ``what`` names the model in the message (task, exporter, opset).
@@ -93,9 +91,7 @@ class OnnxCandidate(Candidate):
         try:
             feeds = {name: np.asarray(batch[name], dtype=dtype) for name, dtype in self._dtypes.items()}
         except KeyError:
-            raise KeyError(
-                f"the model's inputs are {sorted(self._dtypes)}; the batch has {sorted(batch)}"
-            ) from None
+            raise KeyError(f"the model's inputs are {sorted(self._dtypes)}; the batch has {sorted(batch)}") from None
         (output,) = self.session.run([self._output], feeds)
         return np.asarray(output, dtype=np.float32)
 
@@ -110,19 +106,3 @@ def load_onnx_candidate(artifact: Path, num_threads: int) -> OnnxCandidate:
     if not artifact.is_file():
         raise FileNotFoundError(f"no ONNX artifact at '{artifact}'")
     return OnnxCandidate(artifact, num_threads)
-
-
-class OrtBackend(Backend):
-    """What the ONNX Runtime backends share: they need torch, onnx and onnxruntime, export the
-    model before any trial (preflight), and reload their ONNX artifact as a session."""
-
-    def unavailable_reason(self) -> str | None:
-        return onnx_unavailable_reason()
-
-    def preflight(self, ctx: BuildContext, config: BackendConfig) -> None:
-        from sweeper.backends._onnx import preflight_export
-
-        preflight_export(self.name, ctx, config)  # type: ignore[arg-type]
-
-    def load(self, artifact: Path, ctx: BuildContext, config: BackendConfig) -> OnnxCandidate:
-        return load_onnx_candidate(artifact, ctx.num_threads)

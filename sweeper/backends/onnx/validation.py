@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._onnx import (
+from sweeper.backends.onnx.config import (
     OnnxExportConfig,
     OnnxValidationError,
     describe_export,
 )
-from sweeper.backends._ort import (
+from sweeper.backends.onnx.runtime import (
     ORT_DTYPES,
     make_session,
 )
@@ -91,7 +91,7 @@ def measure_export_error(ctx: BuildContext, path: Path, settings: OnnxExportConf
 
 def reference_outputs(model: torch.nn.Module, task: Task, batch: Batch) -> np.ndarray:
     """Return the original model's first output for ``batch`` as a float64 array."""
-    from sweeper.backends._tf2onnx import is_keras_model, keras_outputs
+    from sweeper.backends.onnx.tf2onnx import is_keras_model, keras_outputs
 
     if is_keras_model(model):
         return np.asarray(keras_outputs(model, task, batch), dtype=np.float64)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sweeper.backends._base import BuildContext
-from sweeper.backends._torch import TorchCandidate, load_state_dict
+from sweeper.backends.torch.eager import TorchCandidate, load_state_dict
 
 if TYPE_CHECKING:
     import torch

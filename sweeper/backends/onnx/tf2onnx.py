@@ -29,9 +29,7 @@ _PACKAGES = {"tensorflow": "tensorflow-cpu", "tf2onnx": "tf2onnx"}
 
 def is_keras_model(model: object) -> bool:
     """Whether ``model`` is a Keras model, decided without importing TensorFlow or Keras."""
-    return any(
-        cls.__module__.split(".")[0] in ("keras", "tf_keras", "tensorflow") for cls in type(model).__mro__
-    )
+    return any(cls.__module__.split(".")[0] in ("keras", "tf_keras", "tensorflow") for cls in type(model).__mro__)
 
 
 def tf2onnx_unavailable_reason() -> str | None:
@@ -99,7 +97,10 @@ def export_keras(model: Any, task: Task, opset: int, path: Path) -> None:
     dynamic = task.dynamic_axes
     signature = tuple(
         tf.TensorSpec(
-            [None if axis in dynamic.get(name, {}) or axis == 0 else size for axis, size in enumerate(example[name].shape)],
+            [
+                None if axis in dynamic.get(name, {}) or axis == 0 else size
+                for axis, size in enumerate(example[name].shape)
+            ],
             tf.as_dtype(example[name].dtype),
             name=name,
         )

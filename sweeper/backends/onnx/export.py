@@ -1,4 +1,4 @@
-"""Shared ONNX helpers: export the FP32 model once per machine, and run ONNX files on ORT CPU.
+"""Export the FP32 model to ONNX once per machine: the file every ONNX-based backend starts from.
 
 The exported file is what every ONNX Runtime backend starts from: the task's model exported with
 its input/output names and dynamic axes, checked, optionally simplified (onnxslim or onnxsim), and
@@ -6,111 +6,37 @@ put through ONNX Runtime's quantization pre-processing (symbolic shape inference
 cleanup). It is cached in ``BuildContext.cache_dir``, keyed by the task, the model's weights, the
 export settings and the library versions, so that the many trials a machine runs export once.
 
-Every export is validated before use (:mod:`sweeper.backends._onnx_validation`).
+Every export is validated before use (:mod:`sweeper.backends.onnx.validation`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
-import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import Field, model_validator
 
-from sweeper.backends._base import BackendConfig, BuildContext
+from sweeper.backends._base import BuildContext
+from sweeper.backends.onnx.config import (
+    SIMPLIFIERS,
+    Exporter,
+    OnnxExportConfig,
+    OnnxExportError,
+    describe_export,
+)
+from sweeper.backends.onnx.quiet import quiet
 from sweeper.cache import cache_key, cached_file
-from sweeper.errors import ConfigError, SweeperInputError
+from sweeper.errors import ConfigError
 from sweeper.task import Task
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-Exporter = Literal["torchscript", "dynamo", "tf2onnx"]
-Simplifier = Literal["none", "onnxslim", "onnxsim"]
-
-# torch 2.14's TorchScript exporter implements opsets up to 20
-# (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET).
-# Its dynamo exporter implements 18 and above; a lower opset goes through a best-effort version
-# converter that silently keeps opset 18 when it fails (it does for some models at 13 and 14).
-TORCHSCRIPT_MAX_OPSET = 20
-DYNAMO_MIN_OPSET = 18
-# Static QDQ per-channel quantization needs opset 13; 21 is the newest opset this project tests.
-MIN_OPSET = 13
-MAX_OPSET = 21
-# tf2onnx 1.17 implements opsets up to 18 (tf2onnx.constants.OPSET_TO_IR_VERSION).
-TF2ONNX_MAX_OPSET = 18
-# Simplifier -> (module to import, what to pip install). onnxslim is a core dependency; onnxsim
-# ships a compiled extension with wheels for fewer platforms, so it is the ``[onnxsim]`` extra.
-SIMPLIFIERS: dict[str, tuple[str, str]] = {
-    "onnxslim": ("onnxslim", "pip install onnxslim"),
-    "onnxsim": ("onnxsim", "pip install 'sweeper[onnxsim]'"),
-}
-
-# Loggers whose warnings and progress lines the exporters and ORT's quantization tools emit.
-_CHATTY_LOGGERS = (
-    "torch.onnx", "torch.export", "torch._export", "torch.fx", "torch._dynamo", "onnxscript", "root",
-)  # fmt: skip
-
-
-class OnnxExportError(SweeperInputError):
-    """The task's model cannot be exported to ONNX with the chosen exporter and opset."""
-
-
-class OnnxValidationError(OnnxExportError):
-    """The exported model's outputs differ from the original model's beyond ``validate_atol``."""
-
-
-class OnnxExportConfig(BackendConfig):
-    """Fields shared by every backend that starts from the exported ONNX model.
-
-    Attributes:
-        opset: the ONNX opset to export with. The TorchScript exporter supports 13..20, the
-            dynamo exporter 18..21, tf2onnx 13..18.
-        exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``), ``"dynamo"``
-            (``torch.export``-based), or ``"tf2onnx"`` for a task whose model is a Keras model
-            (the ``[tensorflow]`` extra).
-        simplify: simplify the exported graph with ``onnxslim`` or ``onnxsim`` (the ``[onnxsim]``
-            extra) before ONNX Runtime's pre-processing, or not (``"none"``).
-        validate_atol: the largest absolute difference allowed between the export's outputs and
-            the original model's on the task's example inputs, per unit of output scale: the
-            tolerance is ``validate_atol * max(1, max |output|)``.
-    """
-
-    opset: int = Field(default=17, ge=MIN_OPSET, le=MAX_OPSET)
-    exporter: Exporter = "torchscript"
-    simplify: Simplifier = "none"
-    validate_atol: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
-
-    def export_settings(self) -> OnnxExportConfig:
-        """Return only the export fields of this config (what the exported file depends on)."""
-        return OnnxExportConfig(**{name: getattr(self, name) for name in OnnxExportConfig.model_fields})
-
-    @model_validator(mode="after")
-    def _check_opset_for_exporter(self) -> Self:
-        if self.exporter == "tf2onnx" and self.opset > TF2ONNX_MAX_OPSET:
-            raise ValueError(
-                f"exporter 'tf2onnx' supports opset {MIN_OPSET}..{TF2ONNX_MAX_OPSET}, got opset {self.opset}"
-            )
-        if self.exporter == "torchscript" and self.opset > TORCHSCRIPT_MAX_OPSET:
-            raise ValueError(
-                f"exporter 'torchscript' supports opset {MIN_OPSET}..{TORCHSCRIPT_MAX_OPSET}, got opset "
-                f"{self.opset}; use exporter 'dynamo' for opset {TORCHSCRIPT_MAX_OPSET + 1}..{MAX_OPSET}"
-            )
-        if self.exporter == "dynamo" and self.opset < DYNAMO_MIN_OPSET:
-            raise ValueError(
-                f"exporter 'dynamo' supports opset {DYNAMO_MIN_OPSET}..{MAX_OPSET}, got opset "
-                f"{self.opset}; use exporter 'torchscript' for opset {MIN_OPSET}..{DYNAMO_MIN_OPSET - 1}"
-            )
-        return self
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -118,7 +44,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
     A Keras model (a task exported with tf2onnx) is hashed by its config and weights instead.
     """
-    from sweeper.backends._tf2onnx import is_keras_model, keras_fingerprint
+    from sweeper.backends.onnx.tf2onnx import is_keras_model, keras_fingerprint
 
     if is_keras_model(model):
         return keras_fingerprint(model)
@@ -157,12 +83,12 @@ def export_onnx(ctx: BuildContext, config: OnnxExportConfig | None = None, **fie
 
     if config is not None and fields:
         raise TypeError("export_onnx takes a config or export fields, not both")
-    settings = (config or OnnxExportConfig(**fields)).export_settings()  # type: ignore[arg-type]
+    settings = (config or OnnxExportConfig.model_validate(fields)).export_settings()
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
     if settings.simplify != "none":
         versions[settings.simplify] = _simplifier_version(settings.simplify)
     if settings.exporter == "tf2onnx":
-        from sweeper.backends._tf2onnx import tf2onnx_versions
+        from sweeper.backends.onnx.tf2onnx import tf2onnx_versions
 
         versions.update(tf2onnx_versions())
     key = cache_key(
@@ -176,16 +102,10 @@ def export_onnx(ctx: BuildContext, config: OnnxExportConfig | None = None, **fie
     simplified = "" if settings.simplify == "none" else f"-{settings.simplify}"
     name = f"{ctx.task.name}-{settings.exporter}-opset{settings.opset}{simplified}-{key}.onnx"
     path = cached_file(ctx.cache_dir / "onnx" / name, lambda tmp: _export_and_preprocess(ctx, settings, tmp))
-    from sweeper.backends._onnx_validation import check_export
+    from sweeper.backends.onnx.validation import check_export
 
     check_export(ctx, path, settings)
     return path
-
-
-def describe_export(task: Task, settings: OnnxExportConfig) -> str:
-    """Name an export in messages: task, exporter, opset and simplifier."""
-    what = f"task '{task.name}' with exporter '{settings.exporter}' at opset {settings.opset}"
-    return what if settings.simplify == "none" else f"{what}, simplified with {settings.simplify}"
 
 
 def _simplifier_version(simplify: str) -> str:
@@ -207,7 +127,7 @@ def _export_and_preprocess(ctx: BuildContext, settings: OnnxExportConfig, out: P
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from sweeper.backends._tf2onnx import is_keras_model
+    from sweeper.backends.onnx.tf2onnx import is_keras_model
 
     task, opset, exporter = ctx.task, settings.opset, settings.exporter
     what = describe_export(task, settings)
@@ -249,8 +169,7 @@ def _export_and_preprocess(ctx: BuildContext, settings: OnnxExportConfig, out: P
                 onnx.checker.check_model(str(pre))
             except Exception as exc:
                 raise OnnxExportError(
-                    f"ONNX Runtime's quantization pre-processing failed on the export of {what}: "
-                    f"{_reason(exc)}"
+                    f"ONNX Runtime's quantization pre-processing failed on the export of {what}: {_reason(exc)}"
                 ) from exc
         shutil.copyfile(pre, out)
 
@@ -271,7 +190,7 @@ def _simplify(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:
 
 def _run_exporter(model: torch.nn.Module, path: Path, task: Task, opset: int, exporter: Exporter) -> None:
     if exporter == "tf2onnx":
-        from sweeper.backends._tf2onnx import export_keras
+        from sweeper.backends.onnx.tf2onnx import export_keras
 
         export_keras(model, task, opset, path)
         return
@@ -311,67 +230,6 @@ def _run_exporter(model: torch.nn.Module, path: Path, task: Task, opset: int, ex
 def _identifier(name: str) -> str:
     cleaned = "".join(c if c.isalnum() else "_" for c in name)
     return cleaned if cleaned[:1].isalpha() else f"d_{cleaned}"
-
-
-@contextlib.contextmanager
-def quiet(*, native: bool = False) -> Iterator[io.StringIO]:
-    """Capture prints, Python warnings and library log lines; yield the captured text.
-
-    Args:
-        native: also capture what native code writes to the process's stdout and stderr file
-            descriptors (the TorchScript exporter dumps its whole IR graph there on failure).
-    """
-    import warnings
-
-    buffer = io.StringIO()
-    loggers = [logging.getLogger(n) for n in _CHATTY_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    root = logging.getLogger()
-    # ORT's quantizer logs with logging.warning(), which installs a stderr handler on a root
-    # logger without handlers: that handler would keep writing into this block's buffer.
-    guard = logging.NullHandler() if not root.handlers else None
-    if guard is not None:
-        root.addHandler(guard)
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.ExitStack() as stack:
-            if native:
-                stack.enter_context(_native_output_captured())
-            stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore")
-            stack.enter_context(contextlib.redirect_stdout(buffer))
-            stack.enter_context(contextlib.redirect_stderr(buffer))
-            yield buffer
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        if guard is not None:
-            root.removeHandler(guard)
-
-
-@contextlib.contextmanager
-def _native_output_captured() -> Iterator[None]:
-    """Point file descriptors 1 and 2 at a scratch file for the duration, then restore them."""
-    import os
-    import sys
-
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 1)
-            os.dup2(sink.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-    finally:
-        for fd in saved:
-            os.close(fd)
 
 
 def _reason(exc: BaseException, max_lines: int = 6) -> str:

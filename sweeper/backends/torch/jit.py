@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._torch import TorchCandidate, quiet_torch_quantization
+from sweeper.backends.torch.eager import TorchCandidate, quiet_torch_quantization
 from sweeper.errors import SweeperInputError
 from sweeper.task import Task
 
