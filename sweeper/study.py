@@ -22,7 +22,7 @@ from sweeper.rows import INTERRUPTED, counts_toward_budget, failed_result, make_
 from sweeper.sampling import config_for, suggest
 from sweeper.space import Space
 from sweeper.spec import MeasureSettings, TaskRef, TrialResult, TrialSpec
-from sweeper.task import find_task_file
+from sweeper.task import check_task_file, find_task_file, task_search_dirs
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 
@@ -50,13 +50,6 @@ class SweepSummary:
     wall_time_s: float
 
 
-def task_search_dirs(space: Space, extra: tuple[Path, ...] = ()) -> list[Path]:
-    """Where task names are looked up: given folders, ./tasks, and tasks/ beside the space file."""
-    here = space.path.resolve().parent
-    dirs = [*extra, Path.cwd() / "tasks", here / "tasks", here.parent / "tasks"]
-    return list(dict.fromkeys(d.resolve() for d in dirs))
-
-
 def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None = None) -> SweepSummary:
     """Run (or resume) the sweep described by ``space`` and ``options``.
 
@@ -69,7 +62,7 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     started = time.time()
     study_name = options.study or space.study
     task_name = options.task or space.task
-    task_path = find_task_file(task_name, task_search_dirs(space, options.task_dirs))
+    task_path = check_task_file(find_task_file(task_name, task_search_dirs(space.path, options.task_dirs)))
     # On an existing cluster the task's folder is the workers' working directory (see cluster.py).
     task_ref = TaskRef(name=task_path.stem, path=task_path.name if options.address else str(task_path))
     study_dir = _prepare_study_dir(options.out, study_name, options.resume)
