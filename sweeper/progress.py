@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
 
 
 class SweepProgress:
@@ -26,7 +28,7 @@ class SweepProgress:
         self.objective = objective
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
+            TextColumn("{task.fields[status]}", markup=False), TimeElapsedColumn(), console=console, transient=False,
         )
         self.task_id: Any = None
         self.running = self.failed = self.complete = self.pruned = 0
@@ -43,15 +45,15 @@ class SweepProgress:
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
-            self.console.print(
+            self.console.print(Text(
                 f"Study '{data['study']}' in {data['study_dir']}: FP32 metric {data['accuracy_fp32']:.2f}, "
                 f"{data['done']} trials already done, {data['trials']} to run, {data['max_concurrent']} at a time"
-            )
-            self.task_id = self.progress.add_task(data["study"], total=data["trials"], status="")
+            ))
+            self.task_id = self.progress.add_task(escape(data["study"]), total=data["trials"], status="")
         elif kind == "sensitivity":
             backend = data["backend"]
             if backend not in self.sensitivity:
-                self.sensitivity[backend] = self.progress.add_task(f"sensitivity {backend}", total=data["total"], status="layers scored")
+                self.sensitivity[backend] = self.progress.add_task(escape(f"sensitivity {backend}"), total=data["total"], status="layers scored")
             self.progress.update(self.sensitivity[backend], completed=data["done"], total=data["total"])
         elif kind == "started":
             self.running += 1
