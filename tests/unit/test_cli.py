@@ -214,3 +214,20 @@ def test_error_messages_are_not_parsed_as_markup(tmp_path: Path) -> None:
     missing = tmp_path / "runs[bold]x"
     result = runner.invoke(app, ["show", str(missing)])
     assert result.exit_code == 2 and "runs[bold]x' does not exist" in result.output
+
+
+def test_live_progress_at_80_columns_wraps_instead_of_cutting() -> None:
+    import io
+
+    from sweeper.progress import SweepProgress
+
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    progress = SweepProgress(console, "latency_ms_p50")
+    progress.on_event("start", {"study": "runs[v2]", "study_dir": "results/runs[v2]", "accuracy_fp32": 98.0,
+                                "done": 0, "trials": 20, "max_concurrent": 2})
+    progress.on_event("finished", {"state": "complete", "feasible": True, "latency_ms_p50": 0.2,
+                                   "backend": "onnxruntime_static_int8", "trial_number": 3})
+    console.print(progress.progress.get_renderable())
+    text = console.file.getvalue()
+    assert CUT not in text and "results/runs[v2]" in text and "runs[v2]" in text.splitlines()[2]
+    assert "(onnxruntime_static_int8, trial 3)" in text
