@@ -150,7 +150,7 @@ def sensitivity(table: pd.DataFrame, console: Console, title: str) -> Renderable
     """The layer-sensitivity table, most sensitive first."""
     view = Table(title=title, title_justify="left")
     view.add_column("rank", no_wrap=True, justify="right")
-    view.add_column("layer", overflow="fold")
+    view.add_column("layer", no_wrap=True)
     view.add_column("op type", no_wrap=True)
     for col in ("metric drop", "output error", "SQNR dB"):
         view.add_column(col, no_wrap=True, justify="right")
