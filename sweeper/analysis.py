@@ -22,6 +22,20 @@ SENSITIVITY_COLUMNS: tuple[str, ...] = ("layer", "op_type", "metric_drop", "outp
 # The row column listing the layers a trial left unquantized, whatever the backend calls its
 # exclusion field (``nodes_to_exclude``, ``excluded_layers``): see sweeper.rows.
 EXCLUDED_COLUMN = "excluded_layers"
+# Row columns where more is better; every other objective (latency, size, drop) is minimised.
+HIGHER_IS_BETTER: frozenset[str] = frozenset({"speedup", "accuracy", "agreement"})
+
+
+def maximised(objective: str, *, metric_higher_is_better: bool = True) -> bool:
+    """Whether ranking by ``objective`` puts the largest value first.
+
+    ``speedup`` and ``agreement`` are maximised; ``accuracy`` follows the task metric's direction
+    (``metric_higher_is_better``, as ``study.json``'s baseline records it); everything else
+    (latency, size, accuracy drop) is minimised.
+    """
+    if objective == "accuracy":
+        return metric_higher_is_better
+    return objective in HIGHER_IS_BETTER
 
 
 def study_settings(study_dir: Path) -> dict[str, Any]:
@@ -41,10 +55,18 @@ def study_settings(study_dir: Path) -> dict[str, Any]:
     }
 
 
-def best_feasible(df: pd.DataFrame, objective: str = "latency_ms_p50", k: int = 5) -> pd.DataFrame:
-    """The ``k`` complete, feasible trials with the smallest ``objective``."""
+def best_feasible(
+    df: pd.DataFrame, objective: str = "latency_ms_p50", k: int = 5, *, maximise: bool | None = None
+) -> pd.DataFrame:
+    """The ``k`` best complete, feasible trials by ``objective``, best first.
+
+    ``maximise`` defaults to :func:`maximised` (largest first for ``speedup``, ``accuracy`` and
+    ``agreement``; smallest first otherwise). Ties go to the earlier trial.
+    """
+    if maximise is None:
+        maximise = maximised(objective)
     ok = df[(df["state"] == "complete") & df["feasible"].fillna(False).astype(bool)]
-    return ok.sort_values([objective, "trial_number"]).head(k)
+    return ok.sort_values([objective, "trial_number"], ascending=[not maximise, True]).head(k)
 
 
 def closest_infeasible(df: pd.DataFrame, k: int = 3) -> pd.DataFrame:
@@ -88,10 +110,12 @@ def dominated(points: np.ndarray) -> np.ndarray:
 def backend_summary(df: pd.DataFrame, objective: str = "latency_ms_p50") -> pd.DataFrame:
     """One row per backend: trial counts, best feasible objective, median and best speedup, drops, size.
 
-    Sorted by the best feasible objective (backends with no feasible trial last).
+    Sorted by the best feasible objective, best first (backends with no feasible trial last);
+    the objective's direction is :func:`maximised`'s.
     """
     import pandas as pd
 
+    maximise = maximised(objective)
     rows = []
     for backend, group in df.groupby("backend", sort=True):
         done = group[group["state"] == "complete"]
@@ -102,7 +126,7 @@ def backend_summary(df: pd.DataFrame, objective: str = "latency_ms_p50") -> pd.D
             "complete": len(done),
             "failed": int((group["state"] == "failed").sum()),
             "feasible": len(ok),
-            f"best_feasible_{objective}": ok[objective].min() if not ok.empty else np.nan,
+            f"best_feasible_{objective}": _best(ok[objective], maximise) if not ok.empty else np.nan,
             "median_latency_ms_p50": done["latency_ms_p50"].median(),
             "median_speedup": done["speedup"].median(),
             "best_feasible_speedup": ok["speedup"].max() if not ok.empty else np.nan,
@@ -113,7 +137,13 @@ def backend_summary(df: pd.DataFrame, objective: str = "latency_ms_p50") -> pd.D
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    return table.sort_values([f"best_feasible_{objective}", "backend"], na_position="last", ignore_index=True)
+    return table.sort_values(
+        [f"best_feasible_{objective}", "backend"], ascending=[not maximise, True], na_position="last", ignore_index=True
+    )
+
+
+def _best(values: pd.Series, maximise: bool) -> float:
+    return values.max() if maximise else values.min()
 
 
 def load_sensitivity(study_dir: str | Path) -> pd.DataFrame | None:
@@ -179,7 +209,7 @@ def sensitivity_with_exclusions(
         columns["feasible_excluding"].append(int((has & feasible).sum()))
         columns["median_accuracy_drop_excluding"].append(done.loc[has, "accuracy_drop"].median())
         columns["median_accuracy_drop_including"].append(done.loc[lacks, "accuracy_drop"].median())
-        columns[f"best_feasible_{objective}_excluding"].append(done.loc[has & feasible, objective].min())
+        columns[f"best_feasible_{objective}_excluding"].append(_best(done.loc[has & feasible, objective], maximised(objective)))
         in_best = row.layer in best_excluded and (not isinstance(backend, str) or backend == best_backend)
         columns["excluded_in_best"].append(bool(in_best))
     for name, values in columns.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from pathlib import Path
@@ -10,9 +9,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 
-from sweeper.errors import SweeperInputError
+from sweeper import views
+from sweeper.errors import SweeperInputError, did_you_mean
 from sweeper.signals import SweepInterrupted
 
 app = typer.Typer(
@@ -20,27 +21,55 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help wraps at word boundaries and never cuts an option's help short
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
 
-# Exit codes: 0 a feasible configuration was found; 2 bad input (nothing started);
-# 3 the sweep finished but no configuration met the constraint (every row is kept).
+# Exit codes (run and show): 0 a feasible configuration was found; 2 bad input (nothing
+# started); 3 no configuration met the constraint (every row is kept).
 INPUT_ERROR = 2
 NOTHING_FEASIBLE = 3
 
 
 def _fail(exc: BaseException, debug: bool) -> typer.Exit:
     if debug:
-        err_console.print(traceback.format_exc())
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(escape(traceback.format_exc()))
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(INPUT_ERROR)
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("sweeper")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from sweeper import __version__ as number
+    console.print(f"sweeper {number}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")] = False,
+) -> None:
+    """Find the fastest deployable form of a trained model within an accuracy budget."""
+
+
+def _command(fn: Any) -> Any:
+    """Register ``fn`` as a command whose one-line summary is its docstring's first line, whole."""
+    return app.command(short_help=(fn.__doc__ or "").strip().splitlines()[0])(fn)
+
+
+@_command
 def run(
     space_file: Annotated[Path, typer.Argument(help="search space YAML file", metavar="SPACE")],
-    task: Annotated[str | None, typer.Option(help="task name or .py file (overrides the space's)")] = None,
+    task: Annotated[str | None, typer.Option(help="task name or .py file (overrides the space's); a name is looked up in ./tasks, then tasks/ beside the space file, then tasks/ in the folder above it")] = None,
     trials: Annotated[int | None, typer.Option(min=1, help="trials to run in total (overrides the space's)")] = None,
     out: Annotated[str, typer.Option(help="results folder or URI (s3://, gs://, abfs://, file://); the study goes in OUT/STUDY")] = "results",
     study: Annotated[str | None, typer.Option(help="study name (default: the space's, else its file name)")] = None,
@@ -58,6 +87,7 @@ def run(
 
     try:
         space = load_space(space_file)
+        _check_task(task or space.task, space)
         options = SweepOptions(
             out=out, study=study, storage=storage, task=task, trials=trials, max_concurrent=max_concurrent,
             seed=seed, address=address, resume=resume, debug=debug,
@@ -75,108 +105,160 @@ def run(
     from sweeper import results
 
     df = results.load(summary.study_dir)
-    console.print(f"Study folder: {summary.study_dir}  (wall time {summary.wall_time_s:.1f} s)")
+    console.print(Text(f"Study folder: {summary.study_dir}  (wall time {summary.wall_time_s:.1f} s)"))
     if not _print_summary(df, space.objective):
         raise typer.Exit(NOTHING_FEASIBLE)
 
 
-@app.command()
+def _check_task(ref: str, space: Any = None) -> Path:
+    """Find the task (the one lookup every command shares) and load it here, before Ray starts
+    or any folder is made; check the space's accuracy budget against its metric."""
+    from sweeper.space import check_constraint
+    from sweeper.task import check_task_file, find_task_file, load_task, task_search_dirs
+
+    path = check_task_file(find_task_file(ref, task_search_dirs(space.path if space is not None else None)))
+    if space is not None:
+        check_constraint(space, load_task(str(path)))
+    return path
+
+
+@_command
 def backends() -> None:
     """List every backend and whether it can run here."""
     from sweeper.backends import BACKENDS, availability, get_backend
 
-    table = Table(title="Backends")
-    # Names stay whole however narrow the terminal; the other columns wrap.
-    table.add_column("backend", no_wrap=True, min_width=max(map(len, BACKENDS)))
-    for col in ("hardware", "available", "parameters"):
-        table.add_column(col)
+    rows = []
     for name, reason in availability().items():
         try:
             backend = get_backend(name)
-            hardware = ", ".join(sorted(backend.hardware))
-            params = ", ".join(backend.Config.model_fields)
+            hardware, params = ", ".join(sorted(backend.hardware)), list(backend.Config.model_fields)
         except ImportError:
-            hardware = params = "?"
-        table.add_row(name, hardware, "yes" if reason is None else f"no: {reason}", params)
-    console.print(table)
-    console.print(f"{len(BACKENDS)} backends registered")
+            hardware, params = "?", ["?"]
+        rows.append((name, hardware, reason, params))
+    console.print(views.backends(rows, console))
+    console.print(f"{views.plural(len(BACKENDS), 'backend')} registered")
 
 
-@app.command()
+@_command
 def show(
-    study_dir: Annotated[str, typer.Argument(help="a study folder (OUT/STUDY) or a results folder; a path or a URI")],
-    objective: Annotated[str, typer.Option(help="column to rank feasible trials by")] = "latency_ms_p50",
+    study_dir: Annotated[str, typer.Argument(
+        help="a study folder (OUT/STUDY) or a results folder holding studies; a path or a URI", metavar="STUDY_DIR")],
+    objective: Annotated[str | None, typer.Option(
+        help="column to rank feasible trials by (default: each study's objective); speedup, accuracy and "
+        "agreement rank highest first, every other column lowest first")] = None,
 ) -> None:
-    """Summarise a finished study from its Parquet rows."""
+    """Summarise finished studies from their rows; exit 3 when a study has nothing feasible."""
     from sweeper import results
+    from sweeper.analysis import maximised, study_settings
 
     try:
-        df = results.load(study_dir)
-    except FileNotFoundError as exc:
+        studies = [(one, results.load(one)) for one in _studies(study_dir)]
+        if not any(len(df) for _, df in studies):
+            raise SweeperInputError(f"'{study_dir}' holds no trial rows")
+        columns = next(df.columns for _, df in studies if len(df))
+        if objective is not None and objective not in columns:
+            raise SweeperInputError(
+                f"--objective: unknown column '{objective}'.{did_you_mean(objective, columns)} "
+                "Rank by a numeric column of the rows, such as latency_ms_p50, size_bytes or speedup."
+            )
+    except SweeperInputError as exc:
         raise _fail(exc, False) from None
-    if df.empty:
-        raise _fail(SweeperInputError(f"'{study_dir}' holds no trial rows"), False)
-    if objective not in df.columns:
-        raise _fail(SweeperInputError(f"unknown column '{objective}'; try latency_ms_p50 or size_bytes"), False)
-    console.print(f"{df['study'].nunique()} study(ies), {len(df)} rows: {', '.join(sorted(df['study'].unique()))}")
-    _print_summary(df, objective)
+    several = len(studies) > 1
+    rows = sum(len(df) for _, df in studies)
+    names = ", ".join(sorted({str(s) for _, df in studies for s in df["study"].unique()}))
+    console.print(Text(f"{views.plural(len(studies), 'study')}, {views.plural(rows, 'row')}: {names}"))
+    all_feasible = True
+    for folder, df in studies:
+        settings = study_settings(folder)
+        if several:
+            console.rule(Text(f"study {settings['study']} (task {settings['task'] or '?'})"), align="left")
+        if df.empty:
+            console.print(Text(f"{folder}: no trial rows yet"))
+            all_feasible = False
+            continue
+        ranked_by = objective or settings["objective"]
+        if ranked_by not in df.columns:
+            ranked_by = "latency_ms_p50"
+        maximise = maximised(ranked_by, metric_higher_is_better=settings["baseline"].get("higher_is_better", True))
+        all_feasible &= _print_summary(df, ranked_by, maximise=maximise, show_study=several)
+    if not all_feasible:
+        raise typer.Exit(NOTHING_FEASIBLE)
 
 
-def _print_summary(df: Any, objective: str) -> bool:
-    """Print the verdict and the best trials; return whether any trial is feasible."""
-    from sweeper.analysis import best_feasible, closest_infeasible, state_counts
+def _studies(where: str | Path) -> list[Any]:
+    """The study folders at ``where``: itself when it is a study folder, else the studies in it.
 
+    ``where`` is a local path or an object-store URI (see :mod:`sweeper.location`).
+
+    Raises:
+        SweeperInputError: for a file, a missing path, or a folder holding no study.
+    """
+    from sweeper import results
+    from sweeper.location import location
+
+    path = location(where)
+
+    if path.is_file():
+        raise SweeperInputError(f"'{path}' is a file; give a study folder (OUT/STUDY) or a results folder")
+    if not path.exists():
+        raise SweeperInputError(f"'{path}' does not exist; give a study folder (OUT/STUDY) or a results folder")
+    studies = results.study_dirs(path)
+    if not studies:
+        raise SweeperInputError(f"'{path}' holds no study (no trials/ folder in it or one level below)")
+    return studies
+
+
+def _print_summary(df: Any, objective: str, *, maximise: bool | None = None, show_study: bool = False) -> bool:
+    """Print one study's verdict and its best trials; return whether any trial is feasible."""
+    from sweeper.analysis import best_feasible, closest_infeasible, maximised, state_counts
+
+    if maximise is None:
+        maximise = maximised(objective)
     counts = state_counts(df)
     console.print(
         f"Trials: {len(df)}  complete {counts['complete']}  failed {counts['failed']}  pruned {counts['pruned']}"
     )
-    best = best_feasible(df, objective)
+    best = best_feasible(df, objective, maximise=maximise)
     if best.empty:
         max_drop = df["max_drop"].dropna().iloc[0] if df["max_drop"].notna().any() else float("nan")
         close = closest_infeasible(df)
         verdict = f"No configuration met max drop {max_drop:g}"
         if close.empty:
-            console.print(f"[bold yellow]{verdict}; no trial completed.[/]")
+            console.print(Text(f"{verdict}; no trial completed.", style="bold yellow"))
         else:
             c = close.iloc[0]
-            console.print(
-                f"[bold yellow]{verdict}; closest: trial {c.trial_number} {c.backend} with drop "
-                f"{c.accuracy_drop:.2f} at {c.latency_ms_p50:.3f} ms p50.[/]"
-            )
-            console.print(_trials_table(close, title="Closest trials"))
+            console.print(Text(
+                f"{verdict}; closest: trial {c.trial_number} {c.backend} with drop "
+                f"{c.accuracy_drop:.2f} at {c.latency_ms_p50:.3f} ms p50.", style="bold yellow",
+            ))
+            console.print(views.trials(close, console, title="Closest trials (smallest drop first)", show_study=show_study))
         return False
     top = best.iloc[0]
-    console.print(
-        f"[bold green]Best feasible:[/] trial {top.trial_number} {top.backend}: "
-        f"{top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x vs FP32 PyTorch, "
-        f"accuracy drop {top.accuracy_drop:.2f} ({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}), "
-        f"size {top.size_bytes / 1e3:.1f} kB"
+    line = Text("Best feasible: ", style="bold green")
+    line.append(
+        f"trial {top.trial_number} {top.backend}: {top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x "
+        f"vs FP32 PyTorch, accuracy drop {top.accuracy_drop:.2f} ({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}), "
+        f"size {top.size_bytes / 1e3:.1f} kB",
+        style="default",
     )
-    console.print(f"  config: {top.params_json}")
-    console.print(_trials_table(best, title="Best feasible trials"))
+    if objective not in ("latency_ms_p50", "speedup", "accuracy_drop", "accuracy", "size_bytes"):
+        line.append(f", {objective} {top[objective]:g}")
+    console.print(line)
+    console.print(views.indent(f"config: {top.params_json}"))
+    order = "highest" if maximise else "lowest"
+    console.print(views.trials(best, console, title=f"Best feasible trials by {objective}, {order} first",
+                               show_study=show_study))
     return True
 
 
-def _trials_table(df: Any, title: str | None = None) -> Table:
-    table = Table(title=title)
-    for col in ("trial", "backend", "p50 ms", "speedup", "drop", "agreement %", "size kB", "params"):
-        table.add_column(col)
-    for r in df.itertuples():
-        params = json.loads(r.params_json) if r.params_json else {}
-        short = ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("opset", "exporter"))
-        table.add_row(
-            str(r.trial_number), r.backend, f"{r.latency_ms_p50:.3f}", f"{r.speedup:.2f}x",
-            f"{r.accuracy_drop:.2f}", f"{r.agreement:.1f}", f"{r.size_bytes / 1e3:.1f}", short,
-        )
-    return table
-
-
-@app.command()
+@_command
 def sensitivity(
-    task: Annotated[str, typer.Option(help="task name (looked up in ./tasks) or .py file")],
+    task: Annotated[str, typer.Option(help="task name (NAME.py in ./tasks) or a .py file")],
     backend: Annotated[str, typer.Option(help="a backend that can leave layers in float")],
     param: Annotated[list[str] | None, typer.Option(help="a config value, KEY=VALUE (YAML); repeatable")] = None,
-    out: Annotated[Path, typer.Option(help="folder for the table (TASK-BACKEND-sensitivity.parquet)")] = Path("results"),
+    out: Annotated[Path, typer.Option(
+        help="a study folder (OUT/STUDY): the table becomes its sensitivity.parquet, which its report and "
+        "a resumed sweep read; any other folder: OUT/TASK-BACKEND-sensitivity.parquet")] = Path("results"),
     num_cpus: Annotated[int, typer.Option(min=1, help="CPUs (and threads) per Ray task")] = 1,
     chunk_size: Annotated[int, typer.Option(min=1, help="layers scored per Ray task")] = 2,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join; default: embedded local Ray")] = None,
@@ -184,15 +266,12 @@ def sensitivity(
 ) -> None:
     """Rank a backend's quantizable layers by how much quantizing each one alone costs."""
     import yaml
-    from rich.progress import Progress
 
     from sweeper.backends import get_backend
-    from sweeper.cluster import connect, worker_launch
-    from sweeper.sensitivity import run_sensitivity
-    from sweeper.spec import TaskRef
-    from sweeper.task import find_task_file
+    from sweeper.sensitivity import output_path, write_table
 
     try:
+        task_path = _check_task(task)
         params: dict[str, Any] = {}
         for item in param or []:
             key, sep, value = item.partition("=")
@@ -202,60 +281,82 @@ def sensitivity(
         if get_backend(backend).exclusion_field is None:
             raise SweeperInputError(f"backend '{backend}' cannot leave layers in float, so it has no layer sensitivity")
         get_backend(backend).config(params)
-        task_path = find_task_file(task, [Path.cwd() / "tasks"])
-        out.mkdir(parents=True, exist_ok=True)
-        launch = worker_launch(address, task_path)
-        connect(address, num_cpus=None, env=launch.runtime_env, debug=debug)
-        task_ref = TaskRef(name=task_path.stem, path=launch.task_path)
+        path = output_path(out, task_path.stem, backend)
+        table = _score_layers(task_path, backend, params, num_cpus, chunk_size, address, debug)
+        write_table(table, path)
+    except (SweeperInputError, OSError) as exc:
+        raise _fail(exc, debug) from None
+    console.print(views.sensitivity(
+        table.head(20), console, f"{task_path.stem} / {backend}: most sensitive first (quantizing only that layer)"
+    ))
+    first = table.iloc[0]
+    console.print(Text(
+        f"{views.plural(len(table), 'layer')}; everything quantized: drop {first.full_metric_drop:.2f}, output error "
+        f"{first.full_output_error:.2e}. Table: {path}"
+    ))
+
+
+def _score_layers(task_path: Path, backend: str, params: dict[str, Any], num_cpus: int, chunk_size: int,
+                  address: str | None, debug: bool) -> Any:
+    """Run the sensitivity Ray tasks with a progress bar; a failure inside a task is one message."""
+    import ray
+    from rich.progress import Progress
+
+    from sweeper.cluster import connect, worker_launch
+    from sweeper.sensitivity import run_sensitivity
+    from sweeper.spec import TaskRef
+
+    launch = worker_launch(address, task_path)
+    connect(address, num_cpus=None, env=launch.runtime_env, debug=debug)
+    task_ref = TaskRef(name=task_path.stem, path=launch.task_path)
+    try:
         with Progress(console=console) as progress:
-            bar = progress.add_task(f"sensitivity {backend}", total=None)
-            table = run_sensitivity(
+            bar = progress.add_task(escape(f"sensitivity {backend}"), total=None)
+            return run_sensitivity(
                 task_ref, backend, params, ray_options={"num_cpus": num_cpus}, num_threads=num_cpus,
                 chunk_size=chunk_size, on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             )
-    except (SweeperInputError, OSError) as exc:
-        raise _fail(exc, debug) from None
-    path = out / f"{task_path.stem}-{backend}-sensitivity.parquet"
-    table.to_parquet(path, index=False)
-    view = Table(title=f"{task_path.stem} / {backend}: most sensitive first (quantizing only that layer)")
-    for col in ("rank", "layer", "op type", "metric drop", "output error", "SQNR dB"):
-        view.add_column(col, overflow="fold")
-    for r in table.head(20).itertuples():
-        view.add_row(str(r.rank), r.layer, r.op_type, f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}")
-    console.print(view)
-    first = table.iloc[0]
-    console.print(
-        f"{len(table)} layers; everything quantized: drop {first.full_metric_drop:.2f}, output error "
-        f"{first.full_output_error:.2e}. Table: {path}"
-    )
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        if isinstance(cause, SweeperInputError):
+            raise type(cause)(str(cause)) from None
+        if debug:
+            err_console.print(escape(str(exc)))
+        err_console.print(
+            f"[bold red]error:[/] {escape(f'scoring the layers of {task_path.stem} with {backend} failed: {type(cause).__name__}: {cause}')}",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
 
 
-@app.command()
+@_command
 def report(
-    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY), or a results folder: one report per study")],
-    out: Annotated[Path | None, typer.Option(help="where to write (default: STUDY/report)")] = None,
+    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY), or a results folder: one report per study", metavar="STUDY_DIR")],
+    out: Annotated[Path | None, typer.Option(help="folder to write into (default: STUDY/report)")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Write a self-contained HTML report (tables and plots) and a Markdown summary of a study."""
-    from sweeper import results
     from sweeper.report import write_report
 
     try:
-        studies = results.study_dirs(study_dir)
-        if not studies:
-            raise SweeperInputError(f"'{study_dir}' holds no study (no trials/ folder in it or below it)")
+        studies = _studies(study_dir)
         if out is not None and len(studies) > 1:
             raise SweeperInputError(f"'{study_dir}' holds {len(studies)} studies; --out works with one study folder")
+        if out is not None and out.exists() and not out.is_dir():
+            raise SweeperInputError(f"--out '{out}' is a file; give a folder for the report")
         for one in studies:
             written = write_report(one, out)
-            console.print(f"Report: {written.html}  (Markdown: {written.markdown.name}, {len(written.images)} plots)")
+            console.print(Text(f"Report: {written.html}  (Markdown: {written.markdown.name}, "
+                               f"{views.plural(len(written.images), 'plot')})"))
     except (SweeperInputError, FileNotFoundError, ValueError) as exc:
         raise _fail(exc, debug) from None
+    except OSError as exc:
+        raise _fail(SweeperInputError(f"cannot write the report: {exc}"), debug) from None
 
 
-@app.command()
+@_command
 def export(
-    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY)")],
+    study_dir: Annotated[Path, typer.Argument(help="a study folder (OUT/STUDY), or a results folder holding one study", metavar="STUDY_DIR")],
     to: Annotated[Path, typer.Option(help="folder to write the model, config.json, space.yaml and load_model.py into")],
     trial: Annotated[int | None, typer.Option(help="trial number to export")] = None,
     best: Annotated[bool, typer.Option(help="export the best feasible trial")] = False,
@@ -265,13 +366,20 @@ def export(
     from sweeper.export import export_trial
 
     try:
-        written = export_trial(study_dir, to, trial=trial, best=best)
+        studies = _studies(study_dir)
+        if len(studies) > 1:
+            raise SweeperInputError(
+                f"'{study_dir}' holds {len(studies)} studies; export from one of them: "
+                + ", ".join(str(s) for s in studies)
+            )
+        written = export_trial(studies[0], to, trial=trial, best=best)
     except (SweeperInputError, FileNotFoundError) as exc:
         raise _fail(exc, debug) from None
-    console.print(
+    console.print(Text(
         f"Exported trial {written.trial_number} to {written.directory}: {written.artifact.name}, "
         f"config.json, space.yaml, load_model.py (run: python {written.loader})"
-    )
+    ))
+
 
 def main() -> None:
     """Entry point of the ``sweeper`` console script."""

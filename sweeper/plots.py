@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.analysis import best_feasible, pareto_front
+from sweeper.analysis import best_feasible, maximised, pareto_front
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -132,7 +132,8 @@ def optimization_history(df: pd.DataFrame, path: Path, objective: str = "latency
         ok = feasible.loc[group.index]
         ax.scatter(group.loc[ok, "trial_number"], group.loc[ok, objective], color=colors[backend], s=28, label=backend)
         ax.scatter(group.loc[~ok, "trial_number"], group.loc[~ok, objective], color=colors[backend], marker="x", s=28)
-    best = done[objective].where(feasible).cummin().ffill()
+    so_far = done[objective].where(feasible)
+    best = (so_far.cummax() if maximised(objective) else so_far.cummin()).ffill()
     ax.step(done["trial_number"], best, where="post", color="black", lw=1.2, label="best feasible so far")
     failed = ordered[ordered["state"] == "failed"]
     if not failed.empty:

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.markup import escape
+from rich.padding import Padding
+from rich.progress import Progress
+from rich.table import Column
+from rich.text import Text
+
+
+class _Progress(Progress):
+    """Bars first, then each task's status as wrapping lines under them, so that a narrow
+    terminal wraps the best trial's backend name instead of cutting it short."""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            status = task.fields.get("status")
+            if status:
+                yield Padding(Text(status), (0, 0, 0, 2), expand=False)
 
 
 class SweepProgress:
@@ -14,19 +32,13 @@ class SweepProgress:
     """
 
     def __init__(self, console: Console, objective: str) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
         self.console = console
         self.objective = objective
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console, transient=False,
+        self.progress = _Progress(
+            TextColumn("[bold]{task.description}", table_column=Column(overflow="fold")), BarColumn(bar_width=24),
+            MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False,
         )
         self.task_id: Any = None
         self.running = self.failed = self.complete = self.pruned = 0
@@ -43,15 +55,15 @@ class SweepProgress:
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
-            self.console.print(
+            self.console.print(Text(
                 f"Study '{data['study']}' in {data['study_dir']}: FP32 metric {data['accuracy_fp32']:.2f}, "
                 f"{data['done']} trials already done, {data['trials']} to run, {data['max_concurrent']} at a time"
-            )
-            self.task_id = self.progress.add_task(data["study"], total=data["trials"], status="")
+            ))
+            self.task_id = self.progress.add_task(escape(data["study"]), total=data["trials"], status="")
         elif kind == "sensitivity":
             backend = data["backend"]
             if backend not in self.sensitivity:
-                self.sensitivity[backend] = self.progress.add_task(f"sensitivity {backend}", total=data["total"], status="layers scored")
+                self.sensitivity[backend] = self.progress.add_task(escape(f"layers scored, {backend}"), total=data["total"], status="")
             self.progress.update(self.sensitivity[backend], completed=data["done"], total=data["total"])
         elif kind == "started":
             self.running += 1

@@ -189,7 +189,12 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
         doc.para(f"Note: {note}")
     doc.heading("Layer sensitivity")
     if joined is None:
-        doc.para(f"This study has no {analysis.SENSITIVITY_FILE}; run the layer-sensitivity step to add it.")
+        task = settings["task"] or "TASK"
+        doc.para(
+            f"No layer-sensitivity table: looked for {study_dir / analysis.SENSITIVITY_FILE}. "
+            f"`sweeper sensitivity --task {task} --backend BACKEND --out {study_dir}` writes it there "
+            "(a sweep whose space searches layer exclusion writes it too)."
+        )
     else:  # the table's own extra columns (the config it was measured with) stay in the Parquet file
         extra = set(sensitivity.columns) - {"backend", *analysis.SENSITIVITY_COLUMNS}
         doc.table(_formatted(joined.drop(columns=sorted(extra))))
@@ -221,11 +226,12 @@ def _summary(doc: _Doc, df: pd.DataFrame, settings: dict[str, Any]) -> None:
     counts = analysis.state_counts(df)
     first = df.iloc[0]
     mode = "points" if first["drop_mode"] != "relative" else "% of FP32"
+    direction = "maximise" if analysis.maximised(objective) else "minimise"
     doc.heading("Summary")
     doc.para(
         f"Study {settings['study']}, task {_text(first['task']) or settings['task'] or '?'} "
         f"({_text(first['metric_name']) or 'metric'}, FP32 "
-        f"{_fmt(first['accuracy_fp32'], '.2f')}). Objective: minimise {objective} subject to accuracy drop "
+        f"{_fmt(first['accuracy_fp32'], '.2f')}). Objective: {direction} {objective} subject to accuracy drop "
         f"<= {_fmt(first['max_drop'], 'g')} {mode}. Trials: {len(df)} (complete {counts['complete']}, "
         f"failed {counts['failed']}, pruned {counts['pruned']}). Hardware: {_text(first['cpu_model']) or '?'} "
         f"({_text(first['device']) or '?'}, {_text(first['num_threads']) or '?'} thread(s))."

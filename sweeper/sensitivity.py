@@ -177,3 +177,48 @@ def run_sensitivity(
 def ranking(table: pd.DataFrame) -> list[str]:
     """Layer names, most sensitive first."""
     return table.sort_values("rank")["layer"].tolist()
+
+
+def output_path(out: Path, task: str, backend: str) -> Path:
+    """Where ``sweeper sensitivity --out OUT`` writes the table.
+
+    A study folder (one holding ``trials/`` or ``study.json``) gets ``OUT/sensitivity.parquet``:
+    the file its report shows and a resumed sweep's exclusion search reads. Any other folder gets
+    ``OUT/TASK-BACKEND-sensitivity.parquet``.
+
+    Raises:
+        SweeperInputError: when ``out`` is a file, or a study of another task.
+    """
+    from sweeper import results
+    from sweeper.analysis import SENSITIVITY_FILE
+    from sweeper.errors import SweeperInputError
+
+    if out.exists() and not out.is_dir():
+        raise SweeperInputError(f"--out '{out}' is a file; give a folder (a study folder adds the table to its report)")
+    if results.trials_dir(out).is_dir() or (out / "study.json").is_file():
+        studied = (results.read_study_info(out) or {}).get("task")
+        if studied not in (None, task):
+            raise SweeperInputError(
+                f"--out '{out}' is a study of task '{studied}', not '{task}'; give --task {studied}, "
+                "or another --out folder"
+            )
+        return out / SENSITIVITY_FILE
+    return out / f"{task}-{backend}-sensitivity.parquet"
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically, making its folder; a study's table keeps the rows of
+    the other backends and replaces this backend's."""
+    import pandas as pd
+
+    from sweeper.analysis import SENSITIVITY_FILE
+
+    if path.name == SENSITIVITY_FILE and path.is_file():
+        kept = pd.read_parquet(path)
+        if "backend" in kept.columns:
+            kept = kept[~kept["backend"].isin(table["backend"].unique())]
+            table = pd.concat([kept, table], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)

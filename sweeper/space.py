@@ -41,6 +41,7 @@ from sweeper.params import Param, parse_backend_params
 
 if TYPE_CHECKING:
     from sweeper.exclusion import ExclusionSpec
+    from sweeper.task import Task
 
 Objective = Literal["latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "size_bytes"]
 
@@ -50,8 +51,22 @@ class _Strict(BaseModel):
 
 
 class ConstraintSpec(_Strict):
-    max_drop: float = Field(ge=0, description="largest accuracy drop allowed")
+    """The accuracy budget: ``max_drop`` in the metric's units (``absolute``) or in percent of the
+    FP32 metric (``relative``, so at most 100). An absolute budget on a percentage metric is at
+    most 100 points too; :func:`check_constraint` checks that against the task.
+    """
+
+    max_drop: float = Field(ge=0, allow_inf_nan=False, description="largest accuracy drop allowed")
     mode: Literal["absolute", "relative"] = "absolute"
+
+    @model_validator(mode="after")
+    def _relative_at_most_100(self) -> ConstraintSpec:
+        if self.mode == "relative" and self.max_drop > 100:
+            raise ValueError(
+                f"max_drop {self.max_drop:g} with mode 'relative' is in percent of the FP32 metric, "
+                "so it is at most 100; allowed: 0..100"
+            )
+        return self
 
 
 class TargetSpec(_Strict):
@@ -92,13 +107,28 @@ class TargetSpec(_Strict):
 
 
 class MeasureSpec(_Strict):
+    """How latency is timed: ``warmup_runs`` untimed calls, then timed runs of each model until both
+    ``min_runs`` runs and ``min_time_s`` seconds are reached, or ``max_runs`` runs, whichever comes
+    first: ``max_runs`` is a cap that ends timing even before ``min_time_s`` has passed (a fast
+    model has stable percentiles long before then).
+    """
+
     batch_size: int = Field(default=1, ge=1)
     warmup_runs: int = Field(default=10, ge=0)
     min_runs: int = Field(default=50, ge=1)
     max_runs: int = Field(default=2000, ge=1)
-    min_time_s: float = Field(default=1.0, ge=0)
+    min_time_s: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     round_size: int = Field(default=10, ge=1)
     eval_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _min_runs_within_cap(self) -> MeasureSpec:
+        if self.min_runs > self.max_runs:
+            raise ValueError(
+                f"min_runs ({self.min_runs}) must be at most max_runs ({self.max_runs}): timing stops at "
+                "max_runs runs even if min_runs or min_time_s is not reached yet"
+            )
+        return self
 
 
 class EarlyStopSpec(_Strict):
@@ -166,7 +196,12 @@ def load_space(path: str | Path) -> Space:
     if not path.is_file():
         raise ConfigError(f"search space file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(
+            f"{path}: key '{exc.key}' is given twice, at line {exc.first} and line {exc.second}; "
+            "YAML would keep only the last value, so remove one"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -210,6 +245,44 @@ def load_space(path: str | Path) -> Space:
         exclusions=exclusions,
         early_stop=spec.early_stop,
     )
+
+
+def check_constraint(space: Space, task: Task) -> None:
+    """Check the accuracy budget against the task's metric: an absolute ``max_drop`` on a
+    percentage metric (a ``metric_name`` ending in ``_pct``) is at most 100 points.
+
+    Raises:
+        ConfigError: naming the file, the key, the task's metric and the allowed range.
+    """
+    constraint = space.constraint
+    if constraint.mode == "absolute" and task.metric_name.endswith("_pct") and constraint.max_drop > 100:
+        raise ConfigError(
+            f"{space.path}: key 'constraint.max_drop': {constraint.max_drop:g} points, but task '{task.name}' "
+            f"reports {task.metric_name}, a percentage, which cannot drop by more than 100 points; "
+            "allowed: 0..100 (or mode: relative, in percent of FP32)"
+        )
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a mapping giving the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a '<<' merge may override keys on purpose
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _exclusion(path: Path, backend: str, params: dict[str, Any]) -> ExclusionSpec:
@@ -258,7 +331,7 @@ def _explain(path: Path, exc: ValidationError, model: type[BaseModel] | None = N
     lines = []
     for err in exc.errors():
         key = prefix + ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden" and model is not None:
             allowed = _allowed_keys(model, err["loc"])
             msg = f"unknown key.{did_you_mean(str(err['loc'][-1]), allowed)} Allowed keys: {', '.join(allowed)}"

@@ -26,7 +26,7 @@ from sweeper.sampling import suggest
 from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
 from sweeper.spec import MeasureSettings, TaskRef, TrialResult, TrialSpec
-from sweeper.task import find_task_file
+from sweeper.task import check_task_file, find_task_file, task_search_dirs
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 
@@ -55,13 +55,6 @@ class SweepSummary:
     wall_time_s: float
 
 
-def task_search_dirs(space: Space, extra: tuple[Path, ...] = ()) -> list[Path]:
-    """Where task names are looked up: given folders, ./tasks, and tasks/ beside the space file."""
-    here = space.path.resolve().parent
-    dirs = [*extra, Path.cwd() / "tasks", here / "tasks", here.parent / "tasks"]
-    return list(dict.fromkeys(d.resolve() for d in dirs))
-
-
 def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None = None) -> SweepSummary:
     """Run (or resume) the sweep described by ``space`` and ``options``.
 
@@ -72,7 +65,7 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     started = time.time()
     study_name = options.study or space.study
     task_name = options.task or space.task
-    task_path = find_task_file(task_name, task_search_dirs(space, options.task_dirs))
+    task_path = check_task_file(find_task_file(task_name, task_search_dirs(space.path, options.task_dirs)))
     from sweeper.cluster import connect, worker_launch
 
     # On an existing cluster the workers find the task through a runtime env (see cluster.py).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -102,6 +102,19 @@ def check_sample_count(task: Task, n: int) -> None:
         )
 
 
+def task_search_dirs(space_file: str | Path | None = None, extra: Iterable[Path] = ()) -> list[Path]:
+    """Where a task name is looked up, in order; every command that takes a task uses this list.
+
+    The ``extra`` folders, then ``./tasks``, then (when there is a space file) ``tasks/`` beside
+    the space file and ``tasks/`` in the folder above it.
+    """
+    dirs = [*extra, Path.cwd() / "tasks"]
+    if space_file is not None:
+        here = Path(space_file).resolve().parent
+        dirs += [here / "tasks", here.parent / "tasks"]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
 def find_task_file(ref: str, search_dirs: list[Path]) -> Path:
     """Resolve a task reference (a name such as ``digits_cnn`` or a path to a ``.py`` file).
 
@@ -160,3 +173,34 @@ def load_task(path: str, attr: str = "TASK") -> Task:
             f"'{attr}' in task file '{path}' is of type {type(task).__name__}, not a sweeper.task.Task"
         )
     return task
+
+
+def check_task_file(path: str | Path) -> Path:
+    """Load a task file in this process and check that it defines a usable ``TASK``; return its path.
+
+    The driver calls this before Ray starts and before any folder is made, so a task file with a
+    syntax error, without ``TASK``, with a ``TASK`` of the wrong type, or one that raises on import
+    fails at once with one message. The module stays cached (:func:`load_task`).
+
+    Raises:
+        TaskError: naming the file and what is wrong with it.
+    """
+    from sweeper.errors import TaskError
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaskError(f"task file '{path}' does not exist; give a task name or a path to a .py file")
+    try:
+        compile(path.read_bytes(), str(path), "exec")
+    except SyntaxError as exc:
+        raise TaskError(f"task file '{path}' has a syntax error at line {exc.lineno}: {exc.msg}") from None
+    except ValueError as exc:  # e.g. a NUL byte: not Python source at all
+        raise TaskError(f"task file '{path}' is not Python source: {exc}") from None
+    task = load_task(str(path))
+    name = getattr(task, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TaskError(
+            f"'TASK' in task file '{path}' ({type(task).__name__}) has no name; "
+            'give its class a `name = "..."` string attribute'
+        )
+    return path

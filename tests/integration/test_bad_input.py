@@ -1,9 +1,10 @@
 """Bad input, table-driven, through the CLI: one clear message, exit code 2, nothing left behind.
 
-Each case builds its inputs in a fresh folder and runs ``sweeper run`` in-process (the runtime
-cases use the test session's local Ray). For every case: exit code 2, the message names what is
-wrong and what is allowed, no traceback, and no study folder is left in the output folder (or an
-existing study is left as it was).
+Each case builds its inputs in a fresh folder and runs a command in-process (``sweeper run`` unless
+the case names another; the runtime cases use the test session's local Ray). For every case: exit
+code 2, one line naming what is wrong and what is allowed, no traceback, and no study folder is
+left in the output folder (or an existing study is left as it was); the other commands leave the
+case's folder exactly as it was.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ SPACE = """\
 task: {task}
 trials: 2
 constraint: {{max_drop: {max_drop}}}
-measure: {{warmup_runs: 1, min_runs: 5, min_time_s: 0}}
+measure: {measure}
 backends:
 {backends}
 """
+FAST = "{warmup_runs: 1, min_runs: 5, min_time_s: 0}"
 
 
-def space(tmp: Path, *, task: str = "digits_cnn", max_drop: str = "1.0", backends: str = "  onnxruntime_fp32: {}", extra: str = "") -> Path:
+def space(tmp: Path, *, task: str = "digits_cnn", max_drop: str = "1.0", backends: str = "  onnxruntime_fp32: {}",
+          extra: str = "", measure: str = FAST) -> Path:
     path = tmp / "space.yaml"
-    path.write_text(SPACE.format(task=task, max_drop=max_drop, backends=backends) + extra)
+    path.write_text(SPACE.format(task=task, max_drop=max_drop, backends=backends, measure=measure) + extra)
     return path
 
 
@@ -50,6 +53,7 @@ class Case:
     expected: list[str]
     existing_study: bool = False
     extra_args: list[str] = field(default_factory=list)
+    command: str = "run"
 
 
 UNEXPORTABLE = f'''
@@ -69,6 +73,8 @@ class T(type(_DIGITS)):
         return M(super().build_model()).eval()
 TASK = T()
 '''
+
+STATIC = "onnxruntime_static_int8"
 
 CASES = [
     Case("missing space file", lambda t: [str(t / "nope.yaml")], ["nope.yaml", "does not exist"]),
@@ -102,6 +108,25 @@ CASES = [
     Case("address that does not answer", lambda t: [str(space(t)), "--address", "127.0.0.1:9"], ["no Ray cluster answers at --address '127.0.0.1:9'", "embedded local Ray"]),
     Case("address that is not an address", lambda t: [str(space(t)), "--address", "my-cluster"], ["is not an address", "'ray://HOST:PORT'"]),
     Case("zero trials on the command line", lambda t: [str(space(t)), "--trials", "0"], ["--trials", "greater than or equal to 1"]),
+    Case("duplicate key in the space", lambda t: [str(space(t, extra="trials: 3\n"))], ["key 'trials' is given twice, at line 2 and line 7", "remove one"]),
+    Case("absurd absolute max drop", lambda t: [str(space(t, max_drop="1e9"))], ["constraint.max_drop", "1e+09 points", "top1_accuracy_pct", "allowed: 0..100"]),
+    Case("relative max drop above 100", lambda t: [str(space(t, max_drop="150, mode: relative"))], ["max_drop 150 with mode 'relative'", "at most 100"]),
+    Case("infinite max drop", lambda t: [str(space(t, max_drop=".inf"))], ["constraint.max_drop", "finite number"]),
+    Case("min runs above max runs", lambda t: [str(space(t, measure="{min_runs: 5, max_runs: 2}"))], ["min_runs (5) must be at most max_runs (2)", "stops at max_runs", "min_time_s"]),
+    Case("task file with a syntax error", lambda t: [str(space(t, task=task_file(t, "def broken(:\n")))], ["my_task.py' has a syntax error at line 1"]),
+    Case("sensitivity: task that raises on load", lambda t: ["--task", task_file(t, "raise RuntimeError('dataset is missing')\n"), "--backend", STATIC, "--out", str(t / "sens")], ["raised while loading", "RuntimeError: dataset is missing"], command="sensitivity"),
+    Case("sensitivity: task file with a syntax error", lambda t: ["--task", task_file(t, "def broken(:\n"), "--backend", STATIC, "--out", str(t / "sens")], ["has a syntax error at line 1"], command="sensitivity"),
+    Case("sensitivity: task module without a task", lambda t: ["--task", task_file(t, "X = 1\n"), "--backend", STATIC, "--out", str(t / "sens")], ["defines no 'TASK'"], command="sensitivity"),
+    Case("sensitivity: unknown task", lambda t: ["--task", "digits_cnm", "--backend", STATIC, "--out", str(t / "sens")], ["unknown task 'digits_cnm'", "Did you mean 'digits_cnn'"], command="sensitivity"),
+    Case("sensitivity: out is another task's study", lambda t: ["--task", "digits_cnn", "--backend", STATIC, "--out", str(_study(t, 1, task="segment_mlp") / "space")], ["is a study of task 'segment_mlp', not 'digits_cnn'"], command="sensitivity"),
+    Case("sensitivity: out is a file", lambda t: ["--task", "digits_cnn", "--backend", STATIC, "--out", str(_write(t, "", "a_file"))], ["is a file", "give a folder"], command="sensitivity"),
+    Case("report on a file", lambda t: [str(_write(t, "", "a_file"))], ["a_file' is a file", "give a study folder"], command="report"),
+    Case("report on a missing folder", lambda t: [str(t / "gone")], ["gone' does not exist"], command="report"),
+    Case("report out is a file", lambda t: [str(_study(t, 1) / "space"), "--out", str(_write(t, "", "a_file"))], ["--out", "a_file' is a file", "give a folder for the report"], command="report"),
+    Case("export from a results folder of several studies", lambda t: [str(_two_studies(t)), "--best", "--to", str(t / "shipped")], ["holds 2 studies", "export from one of them", "out/a", "out/b"], command="export"),
+    Case("export from a file", lambda t: [str(_write(t, "", "a_file")), "--best", "--to", str(t / "shipped")], ["is a file"], command="export"),
+    Case("show a file", lambda t: [str(_write(t, "", "a_file"))], ["a_file' is a file", "give a study folder"], command="show"),
+    Case("show by an unknown column", lambda t: [str(_two_studies(t) / "a"), "--objective", "speedu"], ["unknown column 'speedu'", "Did you mean 'speedup'"], command="show"),
 ]
 
 
@@ -111,11 +136,24 @@ def _write(tmp: Path, text: str, name: str = "space.yaml") -> Path:
     return path
 
 
-def _study(tmp: Path, schema: int) -> Path:
+def _study(tmp: Path, schema: int, task: str = "digits_cnn") -> Path:
     """An output folder that already holds a study named 'space' written with ``schema``."""
     out = tmp / "out"
     (out / "space" / "trials").mkdir(parents=True)
-    (out / "space" / "study.json").write_text(json.dumps({"schema_version": schema, "study": "space"}))
+    (out / "space" / "study.json").write_text(json.dumps({"schema_version": schema, "study": "space", "task": task}))
+    return out
+
+
+def _two_studies(tmp: Path) -> Path:
+    """A results folder holding studies 'a' and 'b', one complete feasible row each."""
+    from sweeper import results
+
+    out = tmp / "out"
+    for name in ("a", "b"):
+        results.write_row(out / name, {
+            "study": name, "trial_number": 0, "state": "complete", "backend": "onnxruntime_fp32", "params_json": "{}",
+            "feasible": True, "accuracy_drop": 0.0, "latency_ms_p50": 1.0, "speedup": 1.0, "size_bytes": 1000,
+        })  # fmt: skip
     return out
 
 
@@ -123,24 +161,45 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
 def test_there_are_at_least_25_distinct_cases() -> None:
     assert len({c.name for c in CASES}) == len(CASES) >= 25
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input(case: Case, ray_local, tmp_path: Path) -> None:
+def test_bad_input(case: Case, ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # task names are looked up in ./tasks
     args = case.args(tmp_path)
+    if case.command != "run":
+        _check_other_command(case, args, tmp_path)
+        return
     out = Path(args[args.index("--out") + 1]) if "--out" in args else tmp_path / "out"
     if "--out" not in args:
         args += ["--out", str(out)]
     before = _snapshot(out) if out.is_dir() else None
     result = CliRunner().invoke(app, ["run", *args])
-    output = " ".join(result.output.split())  # rich wraps long lines
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for words in case.expected:
-        assert words in output, f"{words!r} not in: {output}"
+    _check_message(case, result)
     if case.existing_study:
         assert _snapshot(out) == before, "an existing study is left as it was"
     elif out.is_dir():
         assert not (out / "space").exists(), "no partial results are left behind"
+
+
+def _check_message(case: Case, result) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    # click's own usage errors come after its "Usage: ..." and "Try ... -h" lines
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(("Usage: ", "Try "))]
+    assert len(lines) == 1 and lines[0].lower().startswith("error: "), f"one line: {result.output!r}"
+    for words in case.expected:
+        assert words in lines[0], f"{words!r} not in: {lines[0]}"
+
+
+def _check_other_command(case: Case, args: list[str], tmp_path: Path) -> None:
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(app, [case.command, *args])
+    _check_message(case, result)
+    assert _tree(tmp_path) == before, "nothing is written or left behind"

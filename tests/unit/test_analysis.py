@@ -132,3 +132,22 @@ def test_importance_skips_what_cannot_be_ranked(study: Path) -> None:
     assert any(f"{TORCH}: no parameter took more than one value" in note for note in drops.notes)
     with pytest.raises(FileNotFoundError, match="journal"):
         param_importance(study.parent / "missing")
+
+
+def test_higher_is_better_objectives_are_maximised(df: pd.DataFrame) -> None:
+    assert analysis.maximised("speedup") and analysis.maximised("agreement") and analysis.maximised("accuracy")
+    assert not analysis.maximised("accuracy", metric_higher_is_better=False)
+    assert not analysis.maximised("latency_ms_p50") and not analysis.maximised("size_bytes")
+    fastest = analysis.best_feasible(df, "speedup", k=3)
+    assert fastest["trial_number"].tolist() == [0, 2, 6], "largest speedup first, never the slowest trial"
+    assert analysis.best_feasible(df, "accuracy", k=1)["trial_number"].tolist() == [4], "drop 0.0, the earliest"
+    assert analysis.best_feasible(df, "speedup", k=1, maximise=False)["trial_number"].tolist() == [4]
+    table = analysis.backend_summary(df, "speedup").set_index("backend")
+    assert table.index.tolist() == [STATIC, TORCH], "best (largest) speedup first"
+    assert table.loc[STATIC, "best_feasible_speedup"] == pytest.approx(2.5)
+
+
+def test_sensitivity_join_ranks_by_the_objective_direction(study: Path, df: pd.DataFrame) -> None:
+    sens = analysis.load_sensitivity(study)
+    joined = analysis.sensitivity_with_exclusions(sens, df, "speedup").set_index("layer")
+    assert joined.loc["conv1", "best_feasible_speedup_excluding"] == pytest.approx(2.5)

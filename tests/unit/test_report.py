@@ -69,7 +69,8 @@ def test_report_without_journal_or_sensitivity_skips_cleanly(tmp_path: Path) -> 
     assert set(written.images) == {"pareto", "speedup", "history"}
     assert not (out / "sensitivity.png").exists()
     page = check_report(written)
-    assert "has no sensitivity.parquet" in page and "no Optuna journal" in page
+    assert f"looked for {study / 'sensitivity.parquet'}" in page and "no Optuna journal" in page
+    assert f"sweeper sensitivity --task digits_cnn --backend BACKEND --out {study}" in page, "says how to add it"
 
 
 def test_cli_report_and_its_input_errors(tmp_path: Path) -> None:

@@ -144,3 +144,56 @@ def test_list_valued_choices_round_trip_through_optuna(tmp_path: Path) -> None:
         values.add(params["nodes_to_exclude"])
         study.tell(trial, 0.0)
     assert values == {(), ("a",), ("a", "b")}
+
+
+def test_a_key_given_twice_names_both_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path, "task: digits_cnn\nconstraint: {max_drop: 1.0}\nbackends:\n  onnxruntime_fp32: {}\n"
+                            "  torch_dynamic_int8: {}\n  onnxruntime_fp32: {opset: 17}\n")
+    with pytest.raises(ConfigError, match=r"key 'onnxruntime_fp32' is given twice, at line 4 and line 6"):
+        load_space(path)
+
+
+def test_a_merge_key_may_override_on_purpose(tmp_path: Path) -> None:
+    path = _write(tmp_path, "task: digits_cnn\nconstraint: {max_drop: 1.0}\nbackends:\n"
+                            "  onnxruntime_fp32: &base {opset: 17}\n  onnxruntime_fp16: {<<: *base, opset: 18}\n")
+    assert load_space(path).backends["onnxruntime_fp16"]["opset"] == Fixed(18)
+
+
+@pytest.mark.parametrize(
+    "constraint,expected",
+    [
+        ("{max_drop: 150, mode: relative}", "at most 100"),
+        ("{max_drop: .inf}", "finite number"),
+        ("{max_drop: .nan}", "finite number"),
+    ],
+)
+def test_max_drop_bounds(tmp_path: Path, constraint: str, expected: str) -> None:
+    path = _write(tmp_path, f"task: digits_cnn\nconstraint: {constraint}\nbackends: {{onnxruntime_fp32: {{}}}}\n")
+    with pytest.raises(ConfigError, match=expected):
+        load_space(path)
+
+
+def test_absolute_max_drop_is_checked_against_a_percentage_metric(tmp_path: Path) -> None:
+    from sweeper.space import check_constraint
+
+    class Pct:
+        name, metric_name = "t", "top1_accuracy_pct"
+
+    class Loss:
+        name, metric_name = "t", "loss"
+
+    huge = load_space(_write(tmp_path, "task: t\nconstraint: {max_drop: 1e9}\nbackends: {onnxruntime_fp32: {}}\n"))
+    with pytest.raises(ConfigError, match=r"1e\+09 points.*top1_accuracy_pct.*allowed: 0\.\.100"):
+        check_constraint(huge, Pct())
+    check_constraint(huge, Loss())  # a metric in other units has no upper bound
+    relative = load_space(_write(tmp_path, "task: t\nconstraint: {max_drop: 100, mode: relative}\n"
+                                           "backends: {onnxruntime_fp32: {}}\n", "rel.yaml"))
+    check_constraint(relative, Pct())
+
+
+def test_min_runs_must_not_exceed_the_max_runs_cap(tmp_path: Path) -> None:
+    path = _space(tmp_path, "onnxruntime_fp32: {}", extra="measure: {min_runs: 5, max_runs: 2}\n")
+    with pytest.raises(ConfigError, match=r"min_runs \(5\) must be at most max_runs \(2\).*min_time_s"):
+        load_space(path)
+    ok = _space(tmp_path, "onnxruntime_fp32: {}", extra="measure: {min_runs: 5, max_runs: 5}\n")
+    assert load_space(ok).measure.max_runs == 5

@@ -38,3 +38,32 @@ def test_bad_task_modules(tmp_path: Path, source: str, expected: str) -> None:
     path.write_text(source)
     with pytest.raises(TaskError, match=expected):
         load_task(str(path))
+
+
+def test_check_task_file_reports_a_syntax_error_with_its_line(tmp_path: Path) -> None:
+    from sweeper.task import check_task_file
+
+    path = tmp_path / "broken.py"
+    path.write_text("import os\n\ndef f(:\n    pass\n")
+    with pytest.raises(TaskError, match=r"broken\.py' has a syntax error at line 3"):
+        check_task_file(path)
+
+
+def test_check_task_file_accepts_a_real_task(root: Path) -> None:
+    from sweeper.task import check_task_file
+
+    path = (root / "tasks" / "digits_cnn.py").resolve()
+    assert check_task_file(path) == path
+
+
+def test_one_task_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sweeper.task import task_search_dirs
+
+    monkeypatch.chdir(tmp_path)
+    spaces = tmp_path / "project" / "spaces"
+    spaces.mkdir(parents=True)
+    extra = tmp_path / "mine"
+    assert task_search_dirs() == [tmp_path.resolve() / "tasks"]
+    assert task_search_dirs(spaces / "s.yaml", [extra]) == [
+        extra.resolve(), tmp_path.resolve() / "tasks", spaces.resolve() / "tasks", (tmp_path / "project").resolve() / "tasks",
+    ]

@@ -1,0 +1,171 @@
+"""What the command line prints: tables that survive an 80-column terminal and a pipe.
+
+A table whose columns cannot all fit the console at their narrowest readable width (every
+word whole) becomes one block per record, so backend names, parameter names and study names are
+never cut short with an ellipsis. Text that comes from the user or a library goes into
+:class:`rich.text.Text` (never parsed as markup) or through :func:`rich.markup.escape`, so an
+install hint such as ``pip install 'sweeper[tensorrt]'`` survives.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Config fields every ONNX backend has and nobody searches: left out of the short params.
+QUIET_PARAMS: tuple[str, ...] = ("opset", "exporter")
+# What rich ends a cut cell with; our cells never contain it.
+ELLIPSIS = "\u2026"
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``"1 study"``, ``"2 studies"``: ``n`` and the word in the right number."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {many or (word[:-1] + 'ies' if word.endswith('y') else word + 's')}"
+
+
+def fits(console: Console, table: Table) -> bool:
+    """Whether ``table`` prints at the console's width without rich cutting a cell short ('…')."""
+    probe = Console(width=console.width, file=io.StringIO(), color_system=None, force_terminal=False)
+    probe.print(table)
+    return ELLIPSIS not in probe.file.getvalue()
+
+
+def params_text(params_json: str | None) -> list[str]:
+    """A trial's config as ``key=value`` strings, the quiet fields left out."""
+    params = json.loads(params_json) if params_json else {}
+    return [f"{k}={v}" for k, v in params.items() if k not in QUIET_PARAMS]
+
+
+def _fmt(value: Any, spec: str, suffix: str = "") -> str:
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{format(value, spec)}{suffix}"
+
+
+# (table header, block label, block unit) of each figure a trial shows.
+FIGURES: tuple[tuple[str, str, str], ...] = (
+    ("p50 ms", "p50", " ms"), ("speedup", "speedup", ""), ("drop", "drop", ""),
+    ("agreement %", "agreement", " %"), ("size kB", "size", " kB"),
+)
+
+
+def _figures(r: Any) -> list[str]:
+    size = r.size_bytes / 1e3 if r.size_bytes is not None and r.size_bytes == r.size_bytes else None
+    return [
+        _fmt(r.latency_ms_p50, ".3f"), _fmt(r.speedup, ".2f", "x"), _fmt(r.accuracy_drop, ".2f"),
+        _fmt(r.agreement, ".1f"), _fmt(size, ".1f"),
+    ]
+
+
+def indent(text: str | Text, by: int = 2) -> Padding:
+    """``text`` indented by ``by`` columns, its wrapped lines too (no trailing spaces)."""
+    return Padding(text if isinstance(text, Text) else Text(text), (0, 0, 0, by), expand=False)
+
+
+def trials(df: pd.DataFrame, console: Console, *, title: str | None = None, show_study: bool = False) -> RenderableType:
+    """The given trials as a table, or as one block per trial when the table would not fit.
+
+    ``show_study`` adds a ``study`` column (or names the study in each block).
+    """
+    table = Table(title=title, title_justify="left")
+    if show_study:
+        table.add_column("study", no_wrap=True)
+    table.add_column("trial", no_wrap=True, justify="right")
+    table.add_column("backend", no_wrap=True)
+    for header, _, _ in FIGURES:
+        table.add_column(header, no_wrap=True, justify="right")
+    table.add_column("params", min_width=20)
+    rows = list(df.itertuples())
+    for r in rows:
+        cells = [Text(str(r.study))] if show_study else []
+        cells += [Text(str(r.trial_number)), Text(str(r.backend))]
+        cells += [Text(v) for v in _figures(r)]
+        cells.append(Text(", ".join(params_text(r.params_json)) or "(defaults)"))
+        table.add_row(*cells)
+    if fits(console, table):
+        return table
+    return _blocks(title, [_trial_block(r, show_study) for r in rows])
+
+
+def _trial_block(r: Any, show_study: bool) -> RenderableType:
+    head = Text()
+    if show_study:
+        head.append(f"study {r.study}  ", style="bold")
+    head.append(f"trial {r.trial_number}  ", style="bold")
+    head.append(str(r.backend), style="bold cyan")
+    figures = "  ".join(f"{label} {value}{unit if value != '-' else ''}"
+                        for (_, label, unit), value in zip(FIGURES, _figures(r), strict=True))
+    params = params_text(r.params_json) or ["(defaults)"]
+    return Group(head, indent(figures), *(indent(p, 4) for p in params))
+
+
+def _blocks(title: str | None, blocks: Sequence[RenderableType]) -> RenderableType:
+    parts: list[RenderableType] = [Text(title, style="italic")] if title else []
+    parts.extend(blocks)
+    return Group(*parts)
+
+
+def backends(rows: Iterable[tuple[str, str, str | None, list[str]]], console: Console) -> RenderableType:
+    """Every backend: name, hardware, availability (``None``: available; else why not), parameters."""
+    rows = list(rows)
+    table = Table(title="Backends", title_justify="left")
+    table.add_column("backend", no_wrap=True)
+    table.add_column("hardware", no_wrap=True)
+    table.add_column("available")
+    table.add_column("parameters")
+    for name, hardware, reason, params in rows:
+        available = "yes" if reason is None else f"no: {reason}"
+        table.add_row(Text(name), Text(hardware), Text(available), Text(", ".join(params)))
+    if fits(console, table):
+        return table
+    blocks = []
+    for name, hardware, reason, params in rows:
+        head = Text()
+        head.append(name, style="bold cyan")
+        head.append(f"  {hardware}  ")
+        head.append("available" if reason is None else "not available", style="green" if reason is None else "yellow")
+        lines: list[RenderableType] = [head]
+        if reason is not None:
+            lines.append(indent(f"why: {reason}"))
+        lines.append(indent(f"parameters: {', '.join(params) or '(none)'}"))
+        blocks.append(Group(*lines))
+    return _blocks("Backends", blocks)
+
+
+def sensitivity(table: pd.DataFrame, console: Console, title: str) -> RenderableType:
+    """The layer-sensitivity table, most sensitive first."""
+    view = Table(title=title, title_justify="left")
+    view.add_column("rank", no_wrap=True, justify="right")
+    view.add_column("layer", no_wrap=True)
+    view.add_column("op type", no_wrap=True)
+    for col in ("metric drop", "output error", "SQNR dB"):
+        view.add_column(col, no_wrap=True, justify="right")
+    for r in table.itertuples():
+        view.add_row(
+            str(r.rank), Text(str(r.layer)), Text(str(r.op_type)),
+            f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}",
+        )
+    if fits(console, view):
+        return view
+    blocks = [
+        Group(
+            Text.assemble((f"{r.rank}. ", "bold"), (str(r.layer), "bold cyan"), f"  ({r.op_type})"),
+            indent(f"metric drop {r.metric_drop:.2f}  output error {r.output_error:.2e}  SQNR {r.sqnr_db:.1f} dB"),
+        )
+        for r in table.itertuples()
+    ]
+    return _blocks(title, blocks)
