@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sweeper import results
+from sweeper.location import StudyPath, location
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,15 +39,16 @@ def maximised(objective: str, *, metric_higher_is_better: bool = True) -> bool:
     return objective in HIGHER_IS_BETTER
 
 
-def study_settings(study_dir: Path) -> dict[str, Any]:
+def study_settings(study_dir: str | StudyPath) -> dict[str, Any]:
     """What ``study.json`` says about a study: name, task, task_path, objective, the parsed space
     file (``space``) and the FP32 ``baseline``; defaults where the file or a key is missing."""
     import yaml
 
-    info = results.read_study_info(Path(study_dir)) or {}
+    folder = location(study_dir)
+    info = results.read_study_info(folder) or {}
     space = yaml.safe_load(info.get("space") or "") or {}
     return {
-        "study": info.get("study", Path(study_dir).name),
+        "study": info.get("study", folder.name),
         "task": info.get("task"),
         "task_path": info.get("task_path"),
         "objective": space.get("objective", "latency_ms_p50"),

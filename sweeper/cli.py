@@ -73,7 +73,7 @@ def run(
     trials: Annotated[int | None, typer.Option(min=1, help="trials to run in total (overrides the space's)")] = None,
     out: Annotated[str, typer.Option(help="results folder or URI (s3://, gs://, abfs://, file://); the study goes in OUT/STUDY")] = "results",
     study: Annotated[str | None, typer.Option(help="study name (default: the space's, else its file name)")] = None,
-    storage: Annotated[str | None, typer.Option(help="Optuna RDB URL for the study (postgresql://..., sqlite:///...); default: a journal file")] = None,
+    storage: Annotated[str | None, typer.Option(help="Optuna RDB URL for the study (postgresql://USER@HOST/DB, sqlite:///FILE); default: a journal file beside the rows")] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials in flight at once")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', 'ray://host:10001'); default: embedded local Ray")] = None,
     resume: Annotated[bool, typer.Option(help="continue an existing study")] = False,
