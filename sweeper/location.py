@@ -30,13 +30,13 @@ def is_uri(where: str | Path) -> bool:
     return isinstance(where, str) and "://" in where
 
 
-def location(where: str | Path) -> StudyPath:
+def location(where: str | StudyPath) -> StudyPath:
     """A local :class:`~pathlib.Path`, or a :class:`RemotePath` for an object-store URI.
 
     Raises:
         ValueError: when pyarrow cannot open the URI's filesystem (unknown scheme, bad URI).
     """
-    if isinstance(where, Path):
+    if isinstance(where, Path | RemotePath):
         return where
     if not is_uri(where):
         return Path(where)
