@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext, Candidate
+from sweeper.backends._base import Backend, BackendConfig, BuildContext, Candidate, LayerUnit
 from sweeper.errors import ConfigError, did_you_mean
 from sweeper.task import Batch
 
@@ -45,6 +45,25 @@ def graph_nodes(path: Path, op_types: Collection[str]) -> list[tuple[str, str]]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return [(node.name, node.op_type) for node in graph.node if node.op_type in op_types]
+
+
+def onnx_layer_units(path: Path, quantizable: list[tuple[str, str]]) -> list[LayerUnit]:
+    """The exclusion units (:mod:`sweeper.backends.onnx_layers`) of the ONNX file ``path`` whose
+    weight node is one of the ``quantizable`` ``(name, op_type)`` nodes."""
+    import onnx
+
+    from sweeper.backends.onnx_layers import layer_units
+
+    names = {name for name, _ in quantizable}
+    units = layer_units(onnx.load(str(path), load_external_data=False), {op for _, op in quantizable})
+    return [unit for unit in units if unit.name in names]
+
+
+def excluded_nodes(path: Path, quantizable: list[tuple[str, str]], names: Collection[str]) -> list[str]:
+    """``names`` (units or single nodes) as the node names to hand ORT's ``nodes_to_exclude``."""
+    from sweeper.backends.onnx_layers import expand_units
+
+    return expand_units(onnx_layer_units(path, quantizable), names) if names else []
 
 
 def check_nodes_to_exclude(
@@ -126,3 +145,18 @@ class OrtBackend(Backend):
 
     def load(self, artifact: Path, ctx: BuildContext, config: BackendConfig) -> OnnxCandidate:
         return load_onnx_candidate(artifact, ctx.num_threads)
+
+    def exclusion_units(self, ctx: BuildContext, config: BackendConfig) -> tuple[list[LayerUnit], list[str]]:
+        """The layers with weights, each with its activation and Q/DQ nodes, named by the weight
+        node (:mod:`sweeper.backends.onnx_layers`); and every quantizable node."""
+        import dataclasses
+
+        from sweeper.backends._onnx import export_onnx
+        from sweeper.backends.onnx_layers import module_path
+
+        nodes = self.quantizable_layers(ctx, config)
+        units = onnx_layer_units(export_onnx(ctx, config), nodes)  # type: ignore[arg-type]
+        named = getattr(ctx.model, "named_modules", None)
+        modules = {name for name, _ in named()} if callable(named) else None
+        units = [dataclasses.replace(u, module=module_path(u.name, modules)) for u in units]
+        return units, [name for name, _ in nodes]

@@ -27,6 +27,7 @@ from sweeper.backends._ort import (
     OnnxCandidate,
     OrtBackend,
     check_nodes_to_exclude,
+    excluded_nodes,
     graph_nodes,
 )
 
@@ -40,7 +41,8 @@ class OnnxRuntimeDynamicInt8Config(OnnxExportConfig):
         reduce_range: quantize weights to 7 bits (helps CPUs without VNNI avoid saturation).
         quantize_conv: also quantize Conv nodes (to ``ConvInteger``, usually slower on CPU).
         nodes_to_exclude: ONNX node names to leave in float (see
-            :meth:`OnnxRuntimeDynamicInt8.quantizable_nodes`).
+            :meth:`OnnxRuntimeDynamicInt8.quantizable_nodes`); a layer's weight node stands for
+            its whole exclusion unit (:mod:`sweeper.backends.onnx_layers`).
     """
 
     weight_type: Literal["int8", "uint8"] = "int8"
@@ -88,8 +90,8 @@ class OnnxRuntimeDynamicInt8(OrtBackend):
             f"task '{ctx.task.name}' exported with '{config.exporter}' at opset {config.opset}",
         )
         gemms = {name for name, op in quantizable if op == "Gemm"}
-        excluded = list(config.nodes_to_exclude)
-        excluded += [f"{name}_MatMul" for name in config.nodes_to_exclude if name in gemms]
+        excluded = excluded_nodes(fp32, quantizable, config.nodes_to_exclude)
+        excluded += [f"{name}_MatMul" for name in excluded if name in gemms]
         output = ctx.workdir / "model_dynamic_int8.onnx"
         with quiet():
             try:

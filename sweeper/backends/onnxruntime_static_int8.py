@@ -40,6 +40,7 @@ from sweeper.backends._ort import (
     OnnxCandidate,
     OrtBackend,
     check_nodes_to_exclude,
+    excluded_nodes,
     graph_nodes,
 )
 from sweeper.cache import cache_key, cached_file
@@ -81,7 +82,8 @@ class OnnxRuntimeStaticInt8Config(OnnxExportConfig):
             explicit quantization accepts (see :data:`TENSORRT_QDQ_OPTIONS`); it needs
             ``quant_format="qdq"`` and int8 activations and weights. The model still runs on ORT.
         nodes_to_exclude: ONNX node names to leave in float (see
-            :meth:`OnnxRuntimeStaticInt8.quantizable_nodes`).
+            :meth:`OnnxRuntimeStaticInt8.quantizable_nodes`); a layer's weight node stands for
+            its whole exclusion unit (:mod:`sweeper.backends.onnx_layers`).
     """
 
     calibration_method: CalibrationMethod = "minmax"
@@ -150,9 +152,10 @@ class OnnxRuntimeStaticInt8(OrtBackend):
 
         check_sample_count(ctx.task, config.calibration_samples)
         fp32 = export_onnx(ctx, config)
+        quantizable = self.quantizable_nodes(fp32)
         check_nodes_to_exclude(
             config.nodes_to_exclude,
-            self.quantizable_nodes(fp32),
+            quantizable,
             f"task '{ctx.task.name}' exported with '{config.exporter}' at opset {config.opset}",
         )
         method = {
@@ -196,7 +199,7 @@ class OnnxRuntimeStaticInt8(OrtBackend):
                     reduce_range=config.reduce_range,
                     activation_type=types[config.activation_type],
                     weight_type=types[config.weight_type],
-                    nodes_to_exclude=list(config.nodes_to_exclude),
+                    nodes_to_exclude=excluded_nodes(fp32, quantizable, config.nodes_to_exclude),
                     calibrate_method=method,
                     extra_options=extra_options,
                     calibration_cache_path=str(ranges),
