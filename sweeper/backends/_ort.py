@@ -66,6 +66,24 @@ def excluded_nodes(path: Path, quantizable: list[tuple[str, str]], names: Collec
     return expand_units(onnx_layer_units(path, quantizable), names) if names else []
 
 
+def quantizer_input(fp32: Path, workdir: Path) -> Path:
+    """The cached FP32 model under a name private to this build, to hand ORT's quantizers.
+
+    ``quantize_static`` and ``quantize_dynamic`` write ``<model>-inferred.onnx`` beside the model
+    they are given, read it back and delete it. Two builds from the same cached file at once
+    (parallel trials, sensitivity chunks) then read each other's half-written or deleted file
+    (``ValueError: Failed to find proper ai.onnx domain``, ``FileNotFoundError``). A link in the
+    build's own workdir keeps that scratch file private.
+    """
+    private = workdir / f"fp32-{fp32.name}"
+    if not private.exists():
+        try:
+            private.symlink_to(fp32.resolve())
+        except OSError:  # no symlinks here
+            shutil.copyfile(fp32, private)
+    return private
+
+
 def check_nodes_to_exclude(
     nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str
 ) -> None:

@@ -29,6 +29,7 @@ from sweeper.backends._ort import (
     check_nodes_to_exclude,
     excluded_nodes,
     graph_nodes,
+    quantizer_input,
 )
 
 
@@ -96,7 +97,7 @@ class OnnxRuntimeDynamicInt8(OrtBackend):
         with quiet():
             try:
                 quantize_dynamic(
-                    str(fp32),
+                    str(quantizer_input(fp32, ctx.workdir)),
                     str(output),
                     op_types_to_quantize=sorted(_op_types(config.quantize_conv)),
                     per_channel=config.per_channel,

@@ -42,6 +42,7 @@ from sweeper.backends._ort import (
     check_nodes_to_exclude,
     excluded_nodes,
     graph_nodes,
+    quantizer_input,
 )
 from sweeper.cache import cache_key, cached_file
 from sweeper.task import Batch, check_sample_count
@@ -191,7 +192,7 @@ class OnnxRuntimeStaticInt8(OrtBackend):
         with quiet():
             try:
                 quantize_static(
-                    str(fp32),
+                    str(quantizer_input(fp32, ctx.workdir)),
                     str(output),
                     calibration_data_reader=reader,
                     quant_format=formats[config.quant_format],
