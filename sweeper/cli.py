@@ -210,16 +210,27 @@ def sensitivity(
     path = out / f"{task_path.stem}-{backend}-sensitivity.parquet"
     table.to_parquet(path, index=False)
     view = Table(title=f"{task_path.stem} / {backend}: most sensitive first (quantizing only that layer)")
-    for col in ("rank", "layer", "op type", "metric drop", "output error", "SQNR dB"):
+    for col in ("rank", "layer", "module", "op type", "metric drop", "output error", "SQNR dB"):
         view.add_column(col, overflow="fold")
-    for r in table.head(20).itertuples():
-        view.add_row(str(r.rank), r.layer, r.op_type, f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}")
+    failed = table[table["error"].notna()] if "error" in table.columns else table.iloc[:0]
+    for r in table.head(max(20, len(failed))).itertuples():
+        module = r.module if isinstance(getattr(r, "module", None), str) else "-"
+        if isinstance(getattr(r, "error", None), str):
+            view.add_row(str(r.rank), r.layer, module, r.op_type, "[red]failed[/]", "-", "-")
+        else:
+            view.add_row(str(r.rank), r.layer, module, r.op_type, f"{r.metric_drop:.2f}", f"{r.output_error:.2e}",
+                         f"{r.sqnr_db:.1f}")
     console.print(view)
+    for r in failed.itertuples():
+        console.print(f"[red]{r.layer}[/] could not be scored (ranked as most sensitive): {r.error}",
+                      highlight=False, soft_wrap=True)
+    if table.empty:
+        console.print(f"No layer of {task_path.stem} can be left in float by {backend}. Table: {path}")
+        return
     first = table.iloc[0]
-    console.print(
-        f"{len(table)} layers; everything quantized: drop {first.full_metric_drop:.2f}, output error "
-        f"{first.full_output_error:.2e}. Table: {path}"
-    )
+    full = (f"drop {first.full_metric_drop:.2f}, output error {first.full_output_error:.2e}"
+            if first.full_output_error == first.full_output_error else "failed to build")
+    console.print(f"{len(table)} layers; everything quantized: {full}. Table: {path}")
 
 
 @app.command()
