@@ -18,6 +18,7 @@ is cached per (task file, backend, config).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -68,7 +69,29 @@ def describe_error(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def _context(task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir: str) -> tuple[Any, Any]:
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    """What a unit's outputs are compared with: the FP32 model's outputs on the evaluation split."""
+
+    task: Any
+    model: Any
+    outputs: np.ndarray
+    labels: np.ndarray
+
+
+@functools.cache
+def _task_and_model(task_ref: TaskRef) -> tuple[Any, Any]:
+    from sweeper.task import load_task
+
+    task = load_task(task_ref.path, task_ref.attr)
+    return task, task.build_model().eval()
+
+
+def _context(
+    task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir: str, reference: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """The FP32 reference and a build context. With ``reference`` (the FP32 outputs and labels the
+    listing task computed) the FP32 model is not evaluated again in this process."""
     import torch
 
     from sweeper.backends import BuildContext
@@ -76,7 +99,11 @@ def _context(task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir:
     from sweeper.trial import prepare_baseline
 
     torch.set_num_threads(num_threads)
-    baseline = prepare_baseline(task_ref, eval_batch_size)
+    if reference is None:
+        baseline = prepare_baseline(task_ref, eval_batch_size)
+    else:
+        task, model = _task_and_model(task_ref)
+        baseline = _Reference(task=task, model=model, outputs=reference["outputs"], labels=reference["labels"])
     ctx = BuildContext(
         model=baseline.model, task=baseline.task, workdir=Path(workdir),
         cache_dir=cache_dir("models"), num_threads=num_threads,
@@ -113,21 +140,22 @@ def list_layers(task_ref: TaskRef, backend: str, params: dict[str, Any], eval_ba
             full_metric, full_error, full_failure = math.nan, math.nan, describe_error(exc)
     return {"units": [dataclasses.asdict(u) for u in units], "names": list(names), "metric_fp32": baseline.metric,
             "higher_is_better": baseline.task.higher_is_better, "full_metric": full_metric, "full_error": full_error,
-            "full_failure": full_failure}
+            "full_failure": full_failure, "reference": {"outputs": baseline.outputs, "labels": baseline.labels}}
 
 
 def score_layers(
     task_ref: TaskRef, backend: str, params: dict[str, Any], units: list[dict[str, Any]], names: list[str],
-    eval_batch_size: int, num_threads: int,
+    eval_batch_size: int, num_threads: int, reference: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize each of ``units`` alone (every other name of ``names`` excluded) and score it (a
-    Ray task body). A unit that raises gets NaN scores and its ``error``."""
+    Ray task body). A unit that raises gets NaN scores and its ``error``. ``reference``:
+    :func:`list_layers`'s, so that the FP32 model is not evaluated again here."""
     from sweeper.backends import get_backend
 
     field = get_backend(backend).exclusion_field
     scored = []
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
-        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir)
+        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
         for unit in units:
             members = set(unit["members"]) | {unit["name"]}
             others = tuple(n for n in names if n not in members)
@@ -187,9 +215,10 @@ def _listing(task_ref: TaskRef, backend: str, params: dict[str, Any], parts: Pat
     """The units and full-model figures: read back from ``parts`` or listed by a Ray task (and saved there)."""
     import ray
 
-    saved = parts / "layers.json"
-    if saved.is_file():
-        return json.loads(saved.read_text())
+    saved, reference = parts / "layers.json", parts / "reference.npz"
+    if saved.is_file() and reference.is_file():
+        with np.load(reference) as arrays:
+            return {**json.loads(saved.read_text()), "reference": dict(arrays)}
     remote = ray.remote(list_layers).options(**ray_options, max_retries=1)
     try:
         info = ray.get(remote.remote(task_ref, backend, params, eval_batch_size, num_threads))
@@ -199,8 +228,17 @@ def _listing(task_ref: TaskRef, backend: str, params: dict[str, Any], parts: Pat
             f"layer sensitivity of task '{task_ref.name}' for backend '{backend}' could not list the "
             f"model's layers: {describe_error(cause)}"
         ) from None
-    _write_atomically(saved, lambda tmp: tmp.write_text(json.dumps(info)))
+    _write_atomically(reference, lambda tmp: tmp.write_bytes(_npz(info["reference"])))
+    _write_atomically(saved, lambda tmp: tmp.write_text(json.dumps({k: v for k, v in info.items() if k != "reference"})))
     return info
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def run_sensitivity(
@@ -258,10 +296,11 @@ def run_sensitivity(
     if on_progress:
         on_progress(len(done), len(units))
     score = ray.remote(score_layers).options(**ray_options, max_retries=2)
+    reference = ray.put(info["reference"]) if todo else None  # sent once, not once per chunk
     chunks = {}
     for i in range(0, len(todo), chunk_size):
         chunk = todo[i : i + chunk_size]
-        ref = score.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads)
+        ref = score.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads, reference)
         chunks[ref] = chunk
     pending = list(chunks)
     order = {name: i for i, name in enumerate(units)}
