@@ -210,8 +210,9 @@ class OnnxRuntimeStaticInt8(OrtBackend):
                     f"ONNX Runtime static quantization of task '{ctx.task.name}' failed with "
                     f"{config.model_dump()}: {type(exc).__name__}: {exc}"
                 ) from exc
-        if ranges != cached_ranges:
-            cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
+            finally:  # the ranges are good even when quantizing then failed: keep them for the next build
+                if ranges != cached_ranges and ranges.is_file():
+                    cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
         return OnnxCandidate(output, ctx.num_threads)
 
 
