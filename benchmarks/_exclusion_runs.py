@@ -166,8 +166,9 @@ def greedy_revert(builder: Builder, roots: CacheRoots) -> tuple[Outcome, list[st
         started = time.perf_counter()
         # sweeper.sensitivity's task bodies, run here in one process (as NNCF's ranking runs).
         info = list_layers(s.task_ref, BACKEND, params, s.measure.eval_batch_size, s.threads)
-        names = [name for name, _ in info["layers"]]
-        scored = score_layers(s.task_ref, BACKEND, params, names, names, s.measure.eval_batch_size, s.threads)
+        names = [unit["name"] for unit in info["units"]]
+        scored = score_layers(s.task_ref, BACKEND, params, info["units"], info["names"], s.measure.eval_batch_size,
+                              s.threads)  # fmt: skip
         ranking = rank(scored, names, builder)
         ranked_at = time.perf_counter()
         excluded: list[str] = []
@@ -198,9 +199,11 @@ def rank(scored: list[dict[str, Any]], names: list[str], builder: Builder) -> li
     task, fp32 = builder.baseline.task, builder.baseline.metric
     order = {name: i for i, name in enumerate(names)}
 
-    def key(row: dict[str, Any]) -> tuple[float, float, int]:
+    def key(row: dict[str, Any]) -> tuple[bool, float, float, int]:
+        if row["error"] is not None:  # a layer that cannot be scored ranks first
+            return (False, 0.0, 0.0, order[row["layer"]])
         drop = accuracy_drop(fp32, row["metric"], higher_is_better=task.higher_is_better)
-        return (-row["output_error"], -drop, order[row["layer"]])
+        return (True, -row["output_error"], -drop, order[row["layer"]])
 
     return [row["layer"] for row in sorted(scored, key=key)]
 

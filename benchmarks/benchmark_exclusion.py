@@ -139,7 +139,7 @@ def run(s: Settings, scratch: Path) -> None:
 
     from sweeper.backends import BuildContext, get_backend
     from sweeper.backends.onnx.export import export_onnx
-    from sweeper.backends.onnx.runtime import OnnxCandidate
+    from sweeper.backends.onnx.runtime import OnnxCandidate, onnx_layer_units
     from sweeper.trial import prepare_baseline
 
     torch.set_num_threads(s.threads)
@@ -160,7 +160,7 @@ def run(s: Settings, scratch: Path) -> None:
         export_s = time.perf_counter() - t0
     ort_fp32 = OnnxCandidate(fp32_onnx, s.threads)
     ort_metric, ort_drop = builder.drop(ort_fp32)
-    n_layers = len(get_backend(BACKEND).quantizable_nodes(fp32_onnx))
+    n_layers = len(onnx_layer_units(fp32_onnx, get_backend(BACKEND).quantizable_nodes(fp32_onnx)))
 
     outcomes: list[Outcome] = []
     _log("(a) full INT8")

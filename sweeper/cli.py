@@ -286,14 +286,21 @@ def sensitivity(
         write_table(table, path)
     except (SweeperInputError, OSError) as exc:
         raise _fail(exc, debug) from None
+    if table.empty:
+        console.print(Text(f"No layer of {task_path.stem} can be left in float by {backend}. Table: {path}"))
+        return
+    failed = table["error"].notna().sum() if "error" in table.columns else 0
     console.print(views.sensitivity(
-        table.head(20), console, f"{task_path.stem} / {backend}: most sensitive first (quantizing only that layer)"
+        table.head(max(20, failed)), console,
+        f"{task_path.stem} / {backend}: most sensitive first (quantizing only that layer)",
     ))
+    if failed:
+        console.print(Text(f"{views.plural(failed, 'layer')} could not be scored and rank as most sensitive "
+                           "(kept in float first); the table's error column says why.", style="yellow"))
     first = table.iloc[0]
-    console.print(Text(
-        f"{views.plural(len(table), 'layer')}; everything quantized: drop {first.full_metric_drop:.2f}, output error "
-        f"{first.full_output_error:.2e}. Table: {path}"
-    ))
+    full = (f"drop {first.full_metric_drop:.2f}, output error {first.full_output_error:.2e}"
+            if first.full_output_error == first.full_output_error else "failed to build")
+    console.print(Text(f"{views.plural(len(table), 'layer')}; everything quantized: {full}. Table: {path}"))
 
 
 def _score_layers(task_path: Path, backend: str, params: dict[str, Any], num_cpus: int, chunk_size: int,

@@ -26,6 +26,11 @@ class TaskError(SweeperInputError):
     """A task cannot be found, loaded or used."""
 
 
+class SensitivityError(SweeperInputError):
+    """A task's layers cannot be listed for a backend's sensitivity ranking (the model does not
+    load or export, the Ray task was lost); the message names the task, the backend and why."""
+
+
 class BackendUnavailableError(SweeperError):
     """A backend cannot run here (a missing optional dependency or hardware)."""
 

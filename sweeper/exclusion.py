@@ -8,15 +8,23 @@ A backend that can leave layers in float names the config field that lists them
       exclude:
         top_k: {low: 0, high: 6}   # leave the k most sensitive layers in float, k searched
         per_layer: 4               # and/or switch each of the 4 most sensitive on or off
+        always: ["/_conv_stem/*"]  # layers always left in float (glob patterns on layer names)
+        never: ["/_fc/*"]          # layers never left in float
 
 Sensitivity (:mod:`sweeper.sensitivity`) ranks the layers once per study; a trial's excluded
-layers are the top ``k`` of that ranking plus the per-layer picks, in ranking order. The same
-layer names appear in the sensitivity table, the config and the rows (``excluded_layers``).
+layers are the ``always`` layers, the top ``k`` of the ranking without the pinned (``always`` and
+``never``) layers, and the per-layer picks, in ranking order. The same layer names appear in the
+sensitivity table, the config and the rows (``excluded_layers``). A layer is a backend's
+exclusion unit: for the ONNX backends the weight node's name stands for the layer, its
+activation and its Q/DQ nodes (:mod:`sweeper.backends.onnx.layers`). Patterns are
+:func:`fnmatch.fnmatchcase` patterns (``*`` also matches ``/``), checked against the ranking
+when the sweep starts: one that matches no layer is a :class:`~sweeper.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,8 @@ class _ExcludeBlock(BaseModel):
 
     top_k: int | list[int] | dict[str, int | bool] = 0
     per_layer: int = Field(default=0, ge=0, le=12)
+    always: list[str] = Field(default_factory=list)
+    never: list[str] = Field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class ExclusionSpec:
 
     top_k: Fixed | Choices | Range
     per_layer: int
+    always: tuple[str, ...] = ()
+    never: tuple[str, ...] = ()
 
     @property
     def max_top_k(self) -> int:
@@ -50,8 +62,17 @@ class ExclusionSpec:
 
     @property
     def candidates(self) -> int:
-        """How many of the most sensitive layers a trial may exclude."""
+        """How many of the most sensitive unpinned layers a trial may exclude."""
         return max(self.max_top_k, self.per_layer)
+
+    def pinned(self, ranking: list[str]) -> tuple[set[str], set[str]]:
+        """The layers of ``ranking`` that ``always`` and ``never`` match."""
+        return _matching(self.always, ranking), _matching(self.never, ranking)
+
+    def free(self, ranking: list[str]) -> list[str]:
+        """``ranking`` without the pinned layers: what ``top_k`` and ``per_layer`` pick from."""
+        always, never = self.pinned(ranking)
+        return [layer for layer in ranking if layer not in always and layer not in never]
 
 
 def parse_exclusion(path: Path, backend: str, raw: Any) -> ExclusionSpec:
@@ -65,17 +86,53 @@ def parse_exclusion(path: Path, backend: str, raw: Any) -> ExclusionSpec:
             f"{where}: backend '{backend}' cannot leave layers in float; backends that can: {', '.join(able)}"
         )
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: must be a mapping with top_k and/or per_layer, got {raw!r}")
+        raise ConfigError(f"{where}: must be a mapping with top_k, per_layer, always or never, got {raw!r}")
     try:
         block = _ExcludeBlock.model_validate(raw)
     except ValidationError as exc:
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{where}: {detail}. Allowed keys: top_k (an int, a list, or {{low, high}}), per_layer (0..12)") from None
+        raise ConfigError(
+            f"{where}: {detail}. Allowed keys: top_k (an int, a list, or {{low, high}}), per_layer (0..12), "
+            "always and never (lists of layer name patterns)"
+        ) from None
     top_k = _top_k(where, block.top_k)
-    spec = ExclusionSpec(top_k=top_k, per_layer=block.per_layer)
-    if spec.candidates == 0:
-        raise ConfigError(f"{where}: excludes nothing; give top_k above 0 or per_layer above 0")
+    for key in ("always", "never"):
+        if any(not pattern for pattern in getattr(block, key)):
+            raise ConfigError(
+                f"{path}: key 'backends.{backend}.exclude.{key}': patterns must be non-empty strings, "
+                f"got {getattr(block, key)!r}"
+            )
+    spec = ExclusionSpec(top_k=top_k, per_layer=block.per_layer, always=tuple(block.always), never=tuple(block.never))
+    if spec.candidates == 0 and not spec.always:
+        raise ConfigError(f"{where}: excludes nothing; give top_k above 0, per_layer above 0 or always")
     return spec
+
+
+def _matching(patterns: tuple[str, ...], layers: list[str]) -> set[str]:
+    return {layer for layer in layers if any(fnmatchcase(layer, p) for p in patterns)}
+
+
+def check_patterns(path: Path, backend: str, spec: ExclusionSpec, ranking: list[str]) -> None:
+    """Check ``always``/``never`` of ``backend``'s block in space file ``path`` against ``ranking``.
+
+    Raises:
+        ConfigError: for a pattern that matches no layer, or a layer both patterns match.
+    """
+    shown = ", ".join(ranking[:8]) + (f" ... ({len(ranking)} layers)" if len(ranking) > 8 else "")
+    for key in ("always", "never"):
+        for pattern in getattr(spec, key):
+            if not _matching((pattern,), ranking):
+                raise ConfigError(
+                    f"{path}: key 'backends.{backend}.exclude.{key}': pattern {pattern!r} matches no layer. "
+                    f"Layers (glob patterns, '*' matches '/' too): {shown or 'none'}"
+                )
+    always, never = spec.pinned(ranking)
+    both = sorted(always & never)
+    if both:
+        raise ConfigError(
+            f"{path}: key 'backends.{backend}.exclude': layers {both} match both 'always' and 'never'; "
+            "make the patterns disjoint"
+        )
 
 
 def _can_exclude(name: str) -> bool:
@@ -111,6 +168,8 @@ def _top_k(where: str, value: Any) -> Fixed | Choices | Range:
 
 def suggest_excluded(trial: Any, backend: str, spec: ExclusionSpec, ranking: list[str]) -> tuple[str, ...]:
     """Ask ``trial`` which layers to leave in float, from the sensitivity ``ranking`` (most first)."""
+    always, _ = spec.pinned(ranking)
+    free = spec.free(ranking)
     label = f"{backend}.exclude_top_k"
     top_k = spec.top_k
     if isinstance(top_k, Fixed):
@@ -119,8 +178,8 @@ def suggest_excluded(trial: Any, backend: str, spec: ExclusionSpec, ranking: lis
         k = int(trial.suggest_categorical(label, list(top_k.values)))
     else:
         k = trial.suggest_int(label, int(top_k.low), int(top_k.high))
-    chosen = set(ranking[:k])
-    for layer in ranking[: spec.per_layer]:
+    chosen = always | set(free[:k])
+    for layer in free[: spec.per_layer]:
         if trial.suggest_categorical(f"{backend}.exclude.{layer}", [False, True]):
             chosen.add(layer)
     return tuple(layer for layer in ranking if layer in chosen)
@@ -148,7 +207,9 @@ def study_rankings(
     cached per machine) with ``base_params[backend]`` and the tables are written there.
 
     Raises:
-        ConfigError: when a ``top_k`` or ``per_layer`` asks for more layers than the model has.
+        ConfigError: when a ``top_k`` or ``per_layer`` asks for more layers than the model has
+            (besides the pinned ones), or an ``always``/``never`` pattern matches no layer.
+        SensitivityError: when a backend's layers cannot be listed.
     """
     import pandas as pd
 
@@ -160,7 +221,10 @@ def study_rankings(
     path = study_dir / "sensitivity.parquet"
     if path.is_file():
         table = pd.read_parquet(path)
-        return {b: ranking(table[table["backend"] == b]) for b in space.exclusions}
+        rankings = {b: ranking(table[table["backend"] == b]) for b in space.exclusions}
+        for backend, spec in space.exclusions.items():
+            _check_against_ranking(space.path, backend, spec, rankings[backend])
+        return rankings
     tables = []
     for backend, spec in space.exclusions.items():
         target = space.target_of(backend)
@@ -171,14 +235,23 @@ def study_rankings(
             eval_batch_size=space.measure.eval_batch_size,
             on_progress=lambda done, total, b=backend: emit("sensitivity", {"backend": b, "done": done, "total": total}),
         )
-        if spec.candidates > len(table):
-            raise ConfigError(
-                f"{space.path}: key 'backends.{backend}.exclude': asks for up to {spec.candidates} layers, "
-                f"but the model has {len(table)} quantizable layers for '{backend}'; allowed: 0..{len(table)}"
-            )
+        _check_against_ranking(space.path, backend, spec, ranking(table))
         tables.append(table)
     combined = pd.concat(tables, ignore_index=True)
     tmp = path.with_suffix(".tmp")
     combined.to_parquet(tmp, index=False)
     tmp.replace(path)
     return {b: ranking(combined[combined["backend"] == b]) for b in space.exclusions}
+
+
+def _check_against_ranking(path: Path, backend: str, spec: ExclusionSpec, ranked: list[str]) -> None:
+    where = f"{path}: key 'backends.{backend}.exclude'"
+    check_patterns(path, backend, spec, ranked)
+    free = len(spec.free(ranked))
+    if spec.candidates > free:
+        pinned = len(ranked) - free
+        besides = f" besides the {pinned} that always/never pin" if pinned else ""
+        raise ConfigError(
+            f"{where}: asks for up to {spec.candidates} layers, but the model has {free} quantizable layers "
+            f"for '{backend}'{besides}; allowed: 0..{free}"
+        )

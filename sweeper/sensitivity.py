@@ -1,18 +1,29 @@
-"""Per-layer sensitivity: how much each quantizable layer alone costs, measured as Ray tasks.
+"""Per-layer sensitivity: how much each layer alone costs, measured as Ray tasks.
 
-For a backend that can leave layers in float (``Backend.exclusion_field``), each layer is scored
-by quantizing *only that layer* (every other quantizable layer excluded) and comparing the model's
-outputs on the evaluation split with FP32: the task metric's drop, and the normalised output error
-``||y - y_fp32||^2 / ||y_fp32||^2`` (also as SQNR in dB). Layers are ranked by output error (the
-metric moves in coarse steps on small evaluation sets), most sensitive first. One Ray task scores
-one chunk of layers; the table is cached per (task file, backend, config) and written as Parquet.
+For a backend that can leave layers in float (``Backend.exclusion_field``), the layers are its
+exclusion units (:meth:`~sweeper.backends.Backend.exclusion_units`; for the ONNX backends a layer
+with weights together with its activation, see :mod:`sweeper.backends.onnx.layers`). Each unit is
+scored by quantizing *only that unit* (every other quantizable node excluded) and comparing the
+model's outputs on the evaluation split with FP32: the task metric's drop, and the normalised
+output error ``||y - y_fp32||^2 / ||y_fp32||^2`` (also as SQNR in dB). Units are ranked by output
+error (the metric moves in coarse steps on small evaluation sets), most sensitive first.
+
+A unit whose build or evaluation raises gets a row with its ``error``, ranks first (it is the one
+to leave in float) and the ranking goes on. One Ray task scores one chunk of units; each chunk's
+rows are written to Parquet as it arrives (atomically, in a ``.parts`` folder beside the cached
+table), so a rerun after an interruption scores only the units without a row. The finished table
+is cached per (task file, backend, config).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
+import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,13 +31,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sweeper.errors import SensitivityError, SweeperInputError
 from sweeper.spec import TaskRef
 
 if TYPE_CHECKING:
     import pandas as pd
 
-COLUMNS = ["task", "backend", "params_json", "layer", "op_type", "metric_fp32", "metric", "metric_drop",
-           "output_error", "sqnr_db", "rank", "full_metric_drop", "full_output_error"]
+COLUMNS = ["task", "backend", "params_json", "layer", "module", "op_type", "members", "metric_fp32", "metric",
+           "metric_drop", "output_error", "sqnr_db", "error", "rank", "full_metric_drop", "full_output_error"]
+# Bump when what a layer is changes, so cached tables of the old kind are not read back.
+LAYOUT = 2
+# Error text kept per row.
+MAX_ERROR_CHARS = 600
 
 
 def output_error(reference: np.ndarray, outputs: np.ndarray) -> float:
@@ -38,10 +54,44 @@ def output_error(reference: np.ndarray, outputs: np.ndarray) -> float:
 
 def sqnr_db(error: float) -> float:
     """Signal-to-quantization-noise ratio in dB from a normalised squared error."""
+    if math.isnan(error):
+        return math.nan
     return math.inf if error <= 0 else -10.0 * math.log10(error)
 
 
-def _context(task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir: str) -> tuple[Any, Any]:
+def describe_error(exc: BaseException) -> str:
+    """The innermost cause of ``exc`` as ``Type: message``, shortened (backends wrap ORT's errors)."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    """What a unit's outputs are compared with: the FP32 model's outputs on the evaluation split."""
+
+    task: Any
+    model: Any
+    outputs: np.ndarray
+    labels: np.ndarray
+
+
+@functools.cache
+def _task_and_model(task_ref: TaskRef) -> tuple[Any, Any]:
+    from sweeper.task import load_task
+
+    task = load_task(task_ref.path, task_ref.attr)
+    return task, task.build_model().eval()
+
+
+def _context(
+    task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir: str, reference: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """The FP32 reference and a build context. With ``reference`` (the FP32 outputs and labels the
+    listing task computed) the FP32 model is not evaluated again in this process."""
     import torch
 
     from sweeper.backends import BuildContext
@@ -49,7 +99,11 @@ def _context(task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir:
     from sweeper.trial import prepare_baseline
 
     torch.set_num_threads(num_threads)
-    baseline = prepare_baseline(task_ref, eval_batch_size)
+    if reference is None:
+        baseline = prepare_baseline(task_ref, eval_batch_size)
+    else:
+        task, model = _task_and_model(task_ref)
+        baseline = _Reference(task=task, model=model, outputs=reference["outputs"], labels=reference["labels"])
     ctx = BuildContext(
         model=baseline.model, task=baseline.task, workdir=Path(workdir),
         cache_dir=cache_dir("models"), num_threads=num_threads,
@@ -67,33 +121,48 @@ def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_b
 
 
 def list_layers(task_ref: TaskRef, backend: str, params: dict[str, Any], eval_batch_size: int, num_threads: int) -> dict[str, Any]:
-    """The quantizable layers, and the FP32 and fully quantized figures (a Ray task body)."""
+    """The exclusion units, every excludable name, and the FP32 and fully quantized figures (a Ray
+    task body). A fully quantized model that fails to build leaves its figures NaN, with ``full_failure``."""
     from sweeper.backends import get_backend
 
+    impl = get_backend(backend)
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
         baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir)
-        layers = get_backend(backend).quantizable_layers(ctx, get_backend(backend).config(params))
-        field = get_backend(backend).exclusion_field
-        full_metric, full_error = _score(baseline, ctx, backend, {**params, field: ()}, eval_batch_size)
-    return {"layers": layers, "metric_fp32": baseline.metric, "higher_is_better": baseline.task.higher_is_better,
-            "full_metric": full_metric, "full_error": full_error}
+        units, names = impl.exclusion_units(ctx, impl.config(params))
+        full_failure = None
+        try:
+            full_metric, full_error = _score(baseline, ctx, backend, {**params, impl.exclusion_field: ()}, eval_batch_size)
+        except SweeperInputError:
+            raise  # a config or task problem (too many calibration samples, say) fails every layer alike
+        except Exception as exc:  # recorded; each unit is still scored on its own
+            full_metric, full_error, full_failure = math.nan, math.nan, describe_error(exc)
+    return {"units": [dataclasses.asdict(u) for u in units], "names": list(names), "metric_fp32": baseline.metric,
+            "higher_is_better": baseline.task.higher_is_better, "full_metric": full_metric, "full_error": full_error,
+            "full_failure": full_failure, "reference": {"outputs": baseline.outputs, "labels": baseline.labels}}
 
 
 def score_layers(
-    task_ref: TaskRef, backend: str, params: dict[str, Any], names: list[str], all_names: list[str],
-    eval_batch_size: int, num_threads: int,
+    task_ref: TaskRef, backend: str, params: dict[str, Any], units: list[dict[str, Any]], names: list[str],
+    eval_batch_size: int, num_threads: int, reference: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Quantize each of ``names`` alone (all other layers excluded) and score it (a Ray task body)."""
+    """Quantize each of ``units`` alone (every other name of ``names`` excluded) and score it (a
+    Ray task body). A unit that raises gets NaN scores and its ``error``. ``reference``:
+    :func:`list_layers`'s, so that the FP32 model is not evaluated again here."""
     from sweeper.backends import get_backend
 
     field = get_backend(backend).exclusion_field
     scored = []
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
-        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir)
-        for name in names:
-            others = tuple(n for n in all_names if n != name)
-            metric, error = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size)
-            scored.append({"layer": name, "metric": metric, "output_error": error})
+        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
+        for unit in units:
+            members = set(unit["members"]) | {unit["name"]}
+            others = tuple(n for n in names if n not in members)
+            try:
+                metric, error = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size)
+                scored.append({"layer": unit["name"], "metric": metric, "output_error": error, "error": None})
+            except Exception as exc:  # one unit that cannot be scored never ends the ranking
+                scored.append({"layer": unit["name"], "metric": math.nan, "output_error": math.nan,
+                               "error": describe_error(exc)})
     return scored
 
 
@@ -103,8 +172,71 @@ def cache_path(task_ref: TaskRef, backend: str, params: dict[str, Any]) -> Path:
     from sweeper.cache import cache_dir, cache_key
 
     task_hash = hashlib.sha256(Path(task_ref.path).read_bytes()).hexdigest() if Path(task_ref.path).is_file() else task_ref.path
-    key = cache_key(task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__)
+    key = cache_key(task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__,
+                    layout=LAYOUT)
     return cache_dir("sensitivity") / f"{task_ref.name}-{backend}-{key}.parquet"
+
+
+def parts_dir(cached: Path) -> Path:
+    """The folder holding the rows of an unfinished table (one Parquet file per scored chunk)."""
+    return cached.with_suffix(".parts")
+
+
+def read_parts(parts: Path) -> pd.DataFrame | None:
+    """The rows scored so far for an unfinished table, or ``None`` when there are none."""
+    import pandas as pd
+
+    files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
+    if not files:
+        return None
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates("layer")
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` through a temporary file; an existing file is kept (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another run wrote the same rows
+    finally:
+        os.unlink(tmp)
+
+
+def _listing(task_ref: TaskRef, backend: str, params: dict[str, Any], parts: Path, ray_options: dict[str, Any],
+             eval_batch_size: int, num_threads: int) -> dict[str, Any]:
+    """The units and full-model figures: read back from ``parts`` or listed by a Ray task (and saved there)."""
+    import ray
+
+    saved, reference = parts / "layers.json", parts / "reference.npz"
+    if saved.is_file() and reference.is_file():
+        with np.load(reference) as arrays:
+            return {**json.loads(saved.read_text()), "reference": dict(arrays)}
+    remote = ray.remote(list_layers).options(**ray_options, max_retries=1)
+    try:
+        info = ray.get(remote.remote(task_ref, backend, params, eval_batch_size, num_threads))
+    except ray.exceptions.RayError as exc:
+        cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception) else exc
+        raise SensitivityError(
+            f"layer sensitivity of task '{task_ref.name}' for backend '{backend}' could not list the "
+            f"model's layers: {describe_error(cause)}"
+        ) from None
+    _write_atomically(reference, lambda tmp: tmp.write_bytes(_npz(info["reference"])))
+    _write_atomically(saved, lambda tmp: tmp.write_text(json.dumps({k: v for k, v in info.items() if k != "reference"})))
+    return info
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
 
 def run_sensitivity(
@@ -118,59 +250,93 @@ def run_sensitivity(
     chunk_size: int = 2,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
-    """Rank the backend's quantizable layers for ``params`` (cached); most sensitive first.
+    """Rank the backend's exclusion units for ``params`` (cached); most sensitive first.
 
-    Runs on the connected Ray cluster: one task lists the layers, then one task per chunk of
-    ``chunk_size`` layers scores them, ``ray_options`` placing each task.
+    Runs on the connected Ray cluster: one task lists the units, then one task per chunk of
+    ``chunk_size`` units scores them, ``ray_options`` placing each task. Rows already scored by
+    an interrupted run of the same (task, backend, config) are read back, not scored again.
+
+    Raises:
+        SensitivityError: when the layers cannot be listed (the task or its export fails).
     """
     import pandas as pd
     import ray
 
     from sweeper.measure import accuracy_drop
 
-    params = {k: v for k, v in params.items()}
+    params = dict(params)
     cached = cache_path(task_ref, backend, params)
     if cached.is_file():
         table = pd.read_parquet(cached)
         if on_progress:
             on_progress(len(table), len(table))
         return table
-    info = ray.get(ray.remote(list_layers).options(**ray_options).remote(task_ref, backend, params, eval_batch_size, num_threads))
-    layers: list[tuple[str, str]] = [tuple(x) for x in info["layers"]]
-    names = [name for name, _ in layers]
-    score = ray.remote(score_layers).options(**ray_options, max_retries=2)
-    pending = [
-        score.remote(task_ref, backend, params, names[i : i + chunk_size], names, eval_batch_size, num_threads)
-        for i in range(0, len(names), chunk_size)
-    ]
-    scored: list[dict[str, Any]] = []
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        scored.extend(ray.get(done[0]))
-        if on_progress:
-            on_progress(len(scored), len(names))
+    parts = parts_dir(cached)
+    info = _listing(task_ref, backend, params, parts, ray_options, eval_batch_size, num_threads)
+    units = {u["name"]: u for u in info["units"]}
 
     def drop(metric: float) -> float:
         return accuracy_drop(info["metric_fp32"], metric, higher_is_better=info["higher_is_better"])
 
-    op_types = dict(layers)
-    table = pd.DataFrame(
-        [{
+    def rows(scored: list[dict[str, Any]]) -> pd.DataFrame:
+        return pd.DataFrame([{
             "task": task_ref.name, "backend": backend, "params_json": json.dumps(params, sort_keys=True, default=list),
-            "layer": row["layer"], "op_type": op_types[row["layer"]], "metric_fp32": info["metric_fp32"],
-            "metric": row["metric"], "metric_drop": drop(row["metric"]), "output_error": row["output_error"],
-            "sqnr_db": sqnr_db(row["output_error"]), "full_metric_drop": drop(info["full_metric"]),
-            "full_output_error": info["full_error"],
-        } for row in scored],
-    )
-    order = {name: i for i, name in enumerate(names)}
-    table["model_order"] = table["layer"].map(order)
-    table = table.sort_values(["output_error", "metric_drop", "model_order"], ascending=[False, False, True])
-    table = table.drop(columns="model_order").reset_index(drop=True)
+            "layer": r["layer"], "module": units[r["layer"]]["module"], "op_type": units[r["layer"]]["op_type"],
+            "members": list(units[r["layer"]]["members"]), "metric_fp32": info["metric_fp32"],
+            "metric": r["metric"], "metric_drop": drop(r["metric"]), "output_error": r["output_error"],
+            "sqnr_db": sqnr_db(r["output_error"]), "error": r["error"],
+            "full_metric_drop": drop(info["full_metric"]), "full_output_error": info["full_error"],
+        } for r in scored], columns=[c for c in COLUMNS if c != "rank"])
+
+    earlier = read_parts(parts)
+    done = set() if earlier is None else set(earlier["layer"]) & set(units)
+    todo = [u for name, u in units.items() if name not in done]
+    if on_progress:
+        on_progress(len(done), len(units))
+    score = ray.remote(score_layers).options(**ray_options, max_retries=2)
+    reference = ray.put(info["reference"]) if todo else None  # sent once, not once per chunk
+    chunks = {}
+    for i in range(0, len(todo), chunk_size):
+        chunk = todo[i : i + chunk_size]
+        ref = score.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads, reference)
+        chunks[ref] = chunk
+    pending = list(chunks)
+    order = {name: i for i, name in enumerate(units)}
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            chunk = chunks[ready[0]]
+            try:
+                scored = ray.get(ready[0])
+            except ray.exceptions.RayError as exc:  # the worker or its node died, even after retries
+                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception) else exc
+                scored = [{"layer": u["name"], "metric": math.nan, "output_error": math.nan,
+                           "error": describe_error(cause)} for u in chunk]
+            part = rows(scored)
+            _write_atomically(parts / f"part-{order[chunk[0]['name']]:05d}.parquet",
+                              lambda tmp, part=part: part.to_parquet(tmp, index=False))
+            done.update(r["layer"] for r in scored)
+            if on_progress:
+                on_progress(len(done), len(units))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    table = rank_table(read_parts(parts) if units else rows([]), list(units))
+    _write_atomically(cached, lambda tmp: table.to_parquet(tmp, index=False))
+    shutil.rmtree(parts, ignore_errors=True)
+    return table
+
+
+def rank_table(table: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:
+    """Sort ``table`` most sensitive first and number it: units that failed to score first, then
+    by output error, then metric drop, then model order."""
+    order = {name: i for i, name in enumerate(model_order)}
+    table = table.assign(_failed=table["error"].notna(), _order=table["layer"].map(order))
+    table = table.sort_values(["_failed", "output_error", "metric_drop", "_order"],
+                              ascending=[False, False, False, True], na_position="last")
+    table = table.drop(columns=["_failed", "_order"]).reset_index(drop=True)
     table.insert(table.columns.get_loc("full_metric_drop"), "rank", range(1, len(table) + 1))
-    tmp = cached.with_suffix(".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(cached)
     return table
 
 

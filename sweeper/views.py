@@ -147,25 +147,34 @@ def backends(rows: Iterable[tuple[str, str, str | None, list[str]]], console: Co
 
 
 def sensitivity(table: pd.DataFrame, console: Console, title: str) -> RenderableType:
-    """The layer-sensitivity table, most sensitive first."""
+    """The layer-sensitivity table, most sensitive first; a layer that could not be scored says so."""
     view = Table(title=title, title_justify="left")
     view.add_column("rank", no_wrap=True, justify="right")
     view.add_column("layer", no_wrap=True)
+    view.add_column("module", no_wrap=True)
     view.add_column("op type", no_wrap=True)
     for col in ("metric drop", "output error", "SQNR dB"):
         view.add_column(col, no_wrap=True, justify="right")
-    for r in table.itertuples():
-        view.add_row(
-            str(r.rank), Text(str(r.layer)), Text(str(r.op_type)),
-            f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}",
-        )
+    rows = [(r, _text(getattr(r, "module", None)), _text(getattr(r, "error", None))) for r in table.itertuples()]
+    for r, module, error in rows:
+        scores = ("failed", "-", "-") if error else (f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}")
+        view.add_row(str(r.rank), Text(str(r.layer)), Text(module or "-"), Text(str(r.op_type)), *scores)
     if fits(console, view):
         return view
     blocks = [
         Group(
-            Text.assemble((f"{r.rank}. ", "bold"), (str(r.layer), "bold cyan"), f"  ({r.op_type})"),
-            indent(f"metric drop {r.metric_drop:.2f}  output error {r.output_error:.2e}  SQNR {r.sqnr_db:.1f} dB"),
+            Text.assemble((f"{r.rank}. ", "bold"), (str(r.layer), "bold cyan"), f"  ({r.op_type})",
+                          f"  module {module}" if module else ""),
+            indent(
+                f"could not be scored: {error}" if error
+                else f"metric drop {r.metric_drop:.2f}  output error {r.output_error:.2e}  SQNR {r.sqnr_db:.1f} dB"
+            ),
         )
-        for r in table.itertuples()
+        for r, module, error in rows
     ]
     return _blocks(title, blocks)
+
+
+def _text(value: object) -> str | None:
+    """A table cell's text, or ``None`` for a missing value (NaN, None)."""
+    return value if isinstance(value, str) and value else None

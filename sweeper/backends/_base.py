@@ -57,6 +57,23 @@ class BuildContext:
     device: str = "cpu"
 
 
+@dataclass(frozen=True)
+class LayerUnit:
+    """One unit of layer exclusion: a layer and the nodes or modules left in float with it.
+
+    Attributes:
+        name: what the backend's exclusion field holds (for the ONNX backends, the weight node).
+        op_type: the layer's op type (or module type).
+        members: every name left in float when the unit is, ``name`` first.
+        module: the PyTorch module the layer comes from, where known.
+    """
+
+    name: str
+    op_type: str
+    members: tuple[str, ...] = ()
+    module: str | None = None
+
+
 class Candidate(ABC):
     """One built candidate: it predicts, saves its artifact, and reports the artifact's size."""
 
@@ -125,6 +142,16 @@ class Backend(ABC, Generic[ConfigT]):
         implement this.
         """
         raise NotImplementedError(f"backend '{self.name}' cannot leave layers in float")
+
+    def exclusion_units(self, ctx: BuildContext, config: BackendConfig) -> tuple[list[LayerUnit], list[str]]:
+        """The layers a person would leave in float, and every name :attr:`exclusion_field` takes.
+
+        Excluding all the names of the second list leaves the whole model in float; excluding all
+        of them but a unit's members quantizes that unit alone (how sensitivity scores it). By
+        default each of :meth:`quantizable_layers` is a unit of its own.
+        """
+        layers = self.quantizable_layers(ctx, config)
+        return [LayerUnit(name=name, op_type=op, members=(name,)) for name, op in layers], [n for n, _ in layers]
 
     def unavailable_reason(self) -> str | None:
         """Return why this backend cannot run on this machine, or ``None`` if it can."""

@@ -25,7 +25,9 @@ from sweeper.backends.onnx.quiet import quiet
 from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
     check_nodes_to_exclude,
+    excluded_nodes,
     graph_nodes,
+    quantizer_input,
 )
 
 
@@ -38,7 +40,8 @@ class OnnxRuntimeDynamicInt8Config(OnnxExportConfig):
         reduce_range: quantize weights to 7 bits (helps CPUs without VNNI avoid saturation).
         quantize_conv: also quantize Conv nodes (to ``ConvInteger``, usually slower on CPU).
         nodes_to_exclude: ONNX node names to leave in float (see
-            :meth:`OnnxRuntimeDynamicInt8.quantizable_nodes`).
+            :meth:`OnnxRuntimeDynamicInt8.quantizable_nodes`); a layer's weight node stands for
+            its whole exclusion unit (:mod:`sweeper.backends.onnx.layers`).
     """
 
     weight_type: Literal["int8", "uint8"] = "int8"
@@ -82,13 +85,13 @@ class OnnxRuntimeDynamicInt8(OrtBackend[OnnxRuntimeDynamicInt8Config]):
             f"task '{ctx.task.name}' exported with '{config.exporter}' at opset {config.opset}",
         )
         gemms = {name for name, op in quantizable if op == "Gemm"}
-        excluded = list(config.nodes_to_exclude)
-        excluded += [f"{name}_MatMul" for name in config.nodes_to_exclude if name in gemms]
+        excluded = excluded_nodes(fp32, quantizable, config.nodes_to_exclude)
+        excluded += [f"{name}_MatMul" for name in excluded if name in gemms]
         output = ctx.workdir / "model_dynamic_int8.onnx"
         with quiet():
             try:
                 quantize_dynamic(
-                    str(fp32),
+                    str(quantizer_input(fp32, ctx.workdir)),
                     str(output),
                     op_types_to_quantize=sorted(_op_types(config.quantize_conv)),
                     per_channel=config.per_channel,

@@ -38,7 +38,9 @@ from sweeper.backends.onnx.quiet import quiet
 from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
     check_nodes_to_exclude,
+    excluded_nodes,
     graph_nodes,
+    quantizer_input,
 )
 from sweeper.cache import cache_key, cached_file
 from sweeper.task import Batch, check_sample_count
@@ -71,7 +73,9 @@ class StaticQuantizationConfig(OnnxExportConfig):
         calibration_samples: how many calibration samples (at most the task's calibration size,
             checked at build).
         per_channel: one weight scale per output channel instead of per tensor.
-        nodes_to_exclude: ONNX node names to leave in float (see :func:`static_quantizable_nodes`).
+        nodes_to_exclude: ONNX node names to leave in float (see :func:`static_quantizable_nodes`);
+            a layer's weight node stands for its whole exclusion unit
+            (:mod:`sweeper.backends.onnx.layers`).
     """
 
     calibration_method: CalibrationMethod = "minmax"
@@ -163,9 +167,10 @@ def quantize_static_int8(ctx: BuildContext, config: OnnxRuntimeStaticInt8Config)
     """
     check_sample_count(ctx.task, config.calibration_samples)
     fp32 = export_onnx(ctx, config)
+    quantizable = static_quantizable_nodes(fp32)
     check_nodes_to_exclude(
         config.nodes_to_exclude,
-        static_quantizable_nodes(fp32),
+        quantizable,
         f"task '{ctx.task.name}' exported with '{config.exporter}' at opset {config.opset}",
     )
     cached_ranges = _cached_ranges_path(ctx, fp32, config)
@@ -173,9 +178,12 @@ def quantize_static_int8(ctx: BuildContext, config: OnnxRuntimeStaticInt8Config)
     # shared by builds with other calibration settings never hands ORT stale ranges.
     ranges = cached_ranges if cached_ranges.is_file() else ctx.workdir / f"calibration-{cached_ranges.name}"
     output = ctx.workdir / "model_int8.onnx"
-    _run_quantize_static(ctx, fp32, output, ranges, config)
-    if ranges != cached_ranges:
-        cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
+    excluded = excluded_nodes(fp32, quantizable, config.nodes_to_exclude)
+    try:
+        _run_quantize_static(ctx, quantizer_input(fp32, ctx.workdir), output, ranges, excluded, config)
+    finally:  # the ranges are good even when quantizing then failed: keep them for the next build
+        if ranges != cached_ranges and ranges.is_file():
+            cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
     return output
 
 
@@ -204,9 +212,10 @@ def _cached_ranges_path(ctx: BuildContext, fp32: Path, config: OnnxRuntimeStatic
 
 
 def _run_quantize_static(
-    ctx: BuildContext, fp32: Path, output: Path, ranges: Path, config: OnnxRuntimeStaticInt8Config
+    ctx: BuildContext, fp32: Path, output: Path, ranges: Path, excluded: list[str], config: OnnxRuntimeStaticInt8Config
 ) -> None:
-    """Run ``quantize_static`` on ``fp32`` into ``output``, reading or writing the ranges at ``ranges``."""
+    """Run ``quantize_static`` on ``fp32`` into ``output``, reading or writing the ranges at ``ranges``,
+    leaving the ``excluded`` nodes in float."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -234,7 +243,7 @@ def _run_quantize_static(
                 reduce_range=config.reduce_range,
                 activation_type=types[config.activation_type],
                 weight_type=types[config.weight_type],
-                nodes_to_exclude=list(config.nodes_to_exclude),
+                nodes_to_exclude=excluded,
                 calibrate_method=method,
                 extra_options=_extra_options(config),
                 calibration_cache_path=str(ranges),

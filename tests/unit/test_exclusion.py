@@ -117,3 +117,80 @@ def test_output_error_and_sqnr() -> None:
     assert output_error(ref, ref) == 0.0 and sqnr_db(0.0) == float("inf")
     assert output_error(ref, np.array([[3.0, 3.0]])) == pytest.approx(1 / 25)
     assert sqnr_db(1 / 100) == pytest.approx(20.0)
+
+
+def test_always_and_never_patterns_are_parsed(tmp_path: Path) -> None:
+    space = load_space(_space(tmp_path, """
+        onnxruntime_static_int8:
+          exclude: {top_k: {low: 0, high: 2}, always: ["conv*"], never: ["fc1"]}
+    """))
+    spec = space.exclusions["onnxruntime_static_int8"]
+    assert spec.always == ("conv*",) and spec.never == ("fc1",)
+    # Pinning alone is a valid exclusion block.
+    only = load_space(_space(tmp_path, "onnxruntime_static_int8: {exclude: {always: ['/stem/*']}}\n"))
+    assert only.exclusions["onnxruntime_static_int8"].always == ("/stem/*",)
+
+
+@pytest.mark.parametrize(
+    "block,expected",
+    [
+        ("onnxruntime_static_int8: {exclude: {top_k: 1, always: conv1}}", "always"),
+        ("onnxruntime_static_int8: {exclude: {top_k: 1, never: ['']}}", "exclude.never': patterns must be non-empty"),
+        ("onnxruntime_static_int8: {exclude: {top_k: 0, never: [conv1]}}", "excludes nothing"),
+    ],
+)
+def test_bad_pin_patterns(tmp_path: Path, block: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_space(_space(tmp_path, block + "\n"))
+    assert expected in str(info.value) and "backends.onnxruntime_static_int8.exclude" in str(info.value)
+
+
+def test_pinned_layers_are_always_or_never_excluded_and_not_counted_in_top_k() -> None:
+    from sweeper.exclusion import ExclusionSpec
+
+    spec = ExclusionSpec(top_k=Range(low=0, high=2, integer=True), per_layer=2, always=("conv3",), never=("fc*",))
+    assert spec.free(RANKING) == ["conv1", "conv2"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        layers = suggest_excluded(trial, "b", spec, RANKING)
+        k = trial.params["b.exclude_top_k"]
+        assert "conv3" in layers and not {"fc1", "fc2"} & set(layers)
+        assert set(["conv1", "conv2"][:k]) <= set(layers)
+        assert list(layers) == [layer for layer in RANKING if layer in layers], "ranking order"
+        assert not any(name.startswith("b.exclude.fc") for name in trial.params)
+        study.tell(trial, 0.0)
+
+
+def _study_with_ranking(tmp_path: Path, block: str) -> tuple[object, Path]:
+    import pandas as pd
+
+    space = load_space(_space(tmp_path, block + "\n"))
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    pd.DataFrame({"backend": "onnxruntime_static_int8", "layer": RANKING, "rank": range(1, 6)}).to_parquet(
+        study_dir / "sensitivity.parquet"
+    )
+    return space, study_dir
+
+
+def test_study_rankings_checks_patterns_against_the_layers(tmp_path: Path) -> None:
+    from sweeper.exclusion import study_rankings
+
+    def rankings(block: str) -> dict:
+        folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        space, study_dir = _study_with_ranking(folder, block)
+        return study_rankings(space, None, study_dir, {}, lambda *a: None)
+
+    ok = rankings("onnxruntime_static_int8: {exclude: {top_k: 2, always: ['conv*']}}")
+    assert ok == {"onnxruntime_static_int8": RANKING}
+    with pytest.raises(ConfigError) as info:
+        rankings("onnxruntime_static_int8: {exclude: {top_k: 1, always: ['/_conv_stem/*']}}")
+    message = str(info.value)
+    assert "space.yaml" in message and "backends.onnxruntime_static_int8.exclude.always" in message
+    assert "'/_conv_stem/*' matches no layer" in message and "conv1, fc2" in message
+    with pytest.raises(ConfigError, match="match both 'always' and 'never'"):
+        rankings("onnxruntime_static_int8: {exclude: {top_k: 1, always: ['conv*'], never: ['conv1']}}")
+    with pytest.raises(ConfigError, match="has 2 quantizable layers .* besides the 3"):
+        rankings("onnxruntime_static_int8: {exclude: {top_k: 3, always: ['conv3'], never: ['fc*']}}")

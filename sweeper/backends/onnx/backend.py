@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
-from sweeper.backends._base import Backend, BuildContext
+from sweeper.backends._base import Backend, BuildContext, LayerUnit
 from sweeper.backends.onnx.config import OnnxExportConfig
-from sweeper.backends.onnx.export import preflight_export
+from sweeper.backends.onnx.export import export_onnx, preflight_export
 from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
     load_onnx_candidate,
+    onnx_layer_units,
     onnx_unavailable_reason,
 )
 
@@ -29,3 +30,17 @@ class OrtBackend(Backend[OnnxConfigT]):
 
     def load(self, artifact: Path, ctx: BuildContext, config: OnnxConfigT) -> OnnxCandidate:
         return load_onnx_candidate(artifact, ctx.num_threads)
+
+    def exclusion_units(self, ctx: BuildContext, config: OnnxConfigT) -> tuple[list[LayerUnit], list[str]]:
+        """The layers with weights, each with its activation and Q/DQ nodes, named by the weight
+        node (:mod:`sweeper.backends.onnx.layers`); and every quantizable node."""
+        import dataclasses
+
+        from sweeper.backends.onnx.layers import module_path
+
+        nodes = self.quantizable_layers(ctx, config)
+        units = onnx_layer_units(export_onnx(ctx, config), nodes)
+        named = getattr(ctx.model, "named_modules", None)
+        modules = {name for name, _ in named()} if callable(named) else None
+        units = [dataclasses.replace(u, module=module_path(u.name, modules)) for u in units]
+        return units, [name for name, _ in nodes]

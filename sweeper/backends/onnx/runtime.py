@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._base import Candidate
+from sweeper.backends._base import Candidate, LayerUnit
 from sweeper.errors import ConfigError, did_you_mean
 from sweeper.task import Batch
 
@@ -45,6 +45,43 @@ def graph_nodes(path: Path, op_types: Collection[str]) -> list[tuple[str, str]]:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return [(node.name, node.op_type) for node in graph.node if node.op_type in op_types]
+
+
+def onnx_layer_units(path: Path, quantizable: list[tuple[str, str]]) -> list[LayerUnit]:
+    """The exclusion units (:mod:`sweeper.backends.onnx.layers`) of the ONNX file ``path`` whose
+    weight node is one of the ``quantizable`` ``(name, op_type)`` nodes."""
+    import onnx
+
+    from sweeper.backends.onnx.layers import layer_units
+
+    names = {name for name, _ in quantizable}
+    units = layer_units(onnx.load(str(path), load_external_data=False), {op for _, op in quantizable})
+    return [unit for unit in units if unit.name in names]
+
+
+def excluded_nodes(path: Path, quantizable: list[tuple[str, str]], names: Collection[str]) -> list[str]:
+    """``names`` (units or single nodes) as the node names to hand ORT's ``nodes_to_exclude``."""
+    from sweeper.backends.onnx.layers import expand_units
+
+    return expand_units(onnx_layer_units(path, quantizable), names) if names else []
+
+
+def quantizer_input(fp32: Path, workdir: Path) -> Path:
+    """The cached FP32 model under a name private to this build, to hand ORT's quantizers.
+
+    ``quantize_static`` and ``quantize_dynamic`` write ``<model>-inferred.onnx`` beside the model
+    they are given, read it back and delete it. Two builds from the same cached file at once
+    (parallel trials, sensitivity chunks) then read each other's half-written or deleted file
+    (``ValueError: Failed to find proper ai.onnx domain``, ``FileNotFoundError``). A link in the
+    build's own workdir keeps that scratch file private.
+    """
+    private = workdir / f"fp32-{fp32.name}"
+    if not private.exists():
+        try:
+            private.symlink_to(fp32.resolve())
+        except OSError:  # no symlinks here
+            shutil.copyfile(fp32, private)
+    return private
 
 
 def check_nodes_to_exclude(nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str) -> None:
