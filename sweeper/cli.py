@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import traceback
 from pathlib import Path
@@ -92,6 +93,7 @@ def run(
             out=out, study=study, storage=storage, task=task, trials=trials, max_concurrent=max_concurrent,
             seed=seed, address=address, resume=resume, debug=debug,
         )
+        _warn_if_ephemeral(out)
         with SweepProgress(console, space.objective) as progress:
             summary = run_sweep(space, options, progress.on_event)
     except SweeperInputError as exc:
@@ -99,8 +101,8 @@ def run(
     except SweepInterrupted as exc:
         err_console.print(f"[bold yellow]{exc}.[/]", highlight=False, soft_wrap=True)
         if exc.study_dir is not None and exc.study_dir.is_dir():
-            again = [a for a in sys.argv[1:] if a != "--resume"]
-            err_console.print(f"Continue with: sweeper {' '.join(again)} --resume", highlight=False, soft_wrap=True)
+            again = ["sweeper", *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]
+            err_console.print(Text(f"Continue with: {shlex.join(again)}"), soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     from sweeper import results
 
@@ -108,6 +110,22 @@ def run(
     console.print(Text(f"Study folder: {summary.study_dir}  (wall time {summary.wall_time_s:.1f} s)"))
     if not _print_summary(df, space.objective):
         raise typer.Exit(NOTHING_FEASIBLE)
+
+
+def _warn_if_ephemeral(out: str) -> None:
+    """Inside a Ray job a relative --out lands in the job's unpacked working directory, which Ray
+    removes eventually: say where the study goes and how to keep it."""
+    from sweeper.cluster import job_runtime_env
+    from sweeper.location import is_uri
+
+    env = job_runtime_env()
+    if env is None or "working_dir" not in env or is_uri(out) or Path(out).is_absolute():
+        return
+    err_console.print(Text(
+        f"note: running inside a Ray job, so --out '{out}' is inside the job's working directory on the "
+        f"head node ({Path(out).absolute()}), which Ray deletes eventually; give an absolute --out on "
+        "storage that lasts, or an object-store URI (s3://BUCKET/sweeps), to keep the study.", style="yellow",
+    ), soft_wrap=True)
 
 
 def _check_task(ref: str, space: Any = None) -> Path:
