@@ -25,7 +25,7 @@ import numpy as np
 
 from sweeper.cache import cache_dir, cache_key, cached_file
 from sweeper.errors import ConfigError, TaskError
-from sweeper.task import Batch, LabeledBatch, Task, check_sample_count
+from sweeper.task import Batch, LabeledBatch, Task, check_batch_size
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +74,7 @@ class ArraySplit:
         Raises:
             TaskError: if ``batch_size`` is not an integer >= 1 (at the call, not on iteration).
         """
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         return self._batches(batch_size, order)
 
     def _batches(self, batch_size: int, order: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -199,7 +199,6 @@ class ArrayClassificationTask(Task):
 
     def example_inputs(self, batch_size: int = 1) -> Batch:
         """Return the first ``batch_size`` calibration samples (repeated when there are fewer)."""
-        _check_batch_size(batch_size)
         calibration = self.splits.calibration
         rows = np.arange(batch_size) % len(calibration)
         return {self.input_names[0]: calibration.inputs[rows]}
@@ -215,23 +214,16 @@ class ArrayClassificationTask(Task):
         Raises:
             TaskError: if ``n`` is not in ``1..calibration_size`` or ``batch_size`` is below 1.
         """
-        check_sample_count(self, n)
-        _check_batch_size(batch_size)
-        return self._calibration_batches(n, batch_size)
-
-    def _calibration_batches(self, n: int, batch_size: int) -> Iterator[Batch]:
         inputs = self.splits.calibration.inputs
         for start in range(0, n, batch_size):
             yield {self.input_names[0]: inputs[start : min(start + batch_size, n)].copy()}
 
     def eval_batches(self, batch_size: int = 256) -> Iterator[LabeledBatch]:
         """Yield the evaluation split as (inputs, labels) batches, always in the same order."""
-        _check_batch_size(batch_size)
         return self._labeled(self.splits.evaluation.batches(batch_size))
 
     def train_batches(self, batch_size: int = 64, *, seed: int = 0) -> Iterator[LabeledBatch]:
         """Yield one epoch of the training split, shuffled with ``seed``."""
-        _check_batch_size(batch_size)
         train = self.splits.train
         order = np.random.default_rng(seed).permutation(len(train))
         return self._labeled(train.batches(batch_size, order))
@@ -302,10 +294,6 @@ class ArrayClassificationTask(Task):
                 schedule.step()
         model.eval()
 
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise TaskError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _fingerprint(split: ArraySplit) -> str:

@@ -10,13 +10,15 @@ axis is the (dynamic) batch axis. Models return one output tensor (the logits fo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -40,6 +42,15 @@ class Task(ABC):
     higher_is_better: ClassVar[bool] = True
     input_names: ClassVar[tuple[str, ...]] = ("input",)
     output_names: ClassVar[tuple[str, ...]] = ("logits",)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Check every task's arguments in one place: the batch sizes and calibration sample
+        counts a subclass's batch methods receive are validated before the method runs."""
+        super().__init_subclass__(**kwargs)
+        for name in CHECKED_METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_checked_by_task", False):
+                setattr(cls, name, _checked(name, method))
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -89,6 +100,35 @@ class Task(ABC):
     def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
         """Top-1 accuracy in percent of ``outputs`` (logits, batch-first) against ``labels``."""
         return float(np.mean(np.argmax(outputs, axis=-1) == labels) * 100.0)
+
+
+# Task methods whose ``batch_size`` (and, for calibration, ``n``) the base class checks.
+CHECKED_METHODS = ("example_inputs", "calibration_batches", "eval_batches", "train_batches")
+
+
+def _checked(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def checked(self: Task, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        if "batch_size" in bound.arguments:
+            check_batch_size(bound.arguments["batch_size"])
+        if name == "calibration_batches":
+            check_sample_count(self, bound.arguments["n"])
+        return method(self, *args, **kwargs)
+
+    checked._checked_by_task = True  # type: ignore[attr-defined]
+    return checked
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Raise ``TaskError`` unless ``batch_size`` is an integer >= 1."""
+    from sweeper.errors import TaskError
+
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise TaskError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def check_sample_count(task: Task, n: int) -> None:

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sweeper.errors import TaskError
-from sweeper.task import Batch, LabeledBatch, Task, check_sample_count
+from sweeper.task import Batch, LabeledBatch, Task
 
 _MODEL_SEED = 0
 _CALIBRATION_SEED = 1
@@ -74,7 +73,6 @@ class LatencyOnlyTask(Task):
         return inputs, logits.argmax(dim=-1).numpy().astype(np.int64)
 
     def example_inputs(self, batch_size: int = 1) -> Batch:
-        _check_batch_size(batch_size)
         rows = np.arange(batch_size) % self.calibration_samples
         return {name: array[rows] for name, array in self._calibration.items()}
 
@@ -83,14 +81,11 @@ class LatencyOnlyTask(Task):
         return self.calibration_samples
 
     def calibration_batches(self, n: int, batch_size: int = 32) -> Iterator[Batch]:
-        check_sample_count(self, n)
-        _check_batch_size(batch_size)
         data = self._calibration
         return ({k: v[i : min(i + batch_size, n)].copy() for k, v in data.items()} for i in range(0, n, batch_size))
 
     def eval_batches(self, batch_size: int = 256) -> Iterator[LabeledBatch]:
         """Synthetic inputs labelled with the FP32 model's own top-1 classes (fidelity, not accuracy)."""
-        _check_batch_size(batch_size)
         inputs, labels = self._evaluation
         n = len(labels)
         return (
@@ -169,10 +164,6 @@ class BertBaseLatency(LatencyOnlyTask):
         ids[:, 0], ids[:, -1] = 101, 102
         return {"input_ids": ids, "attention_mask": np.ones((n, self.seq_len), dtype=np.int64)}
 
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise TaskError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 RESNET50 = ResNet50Latency()

@@ -48,7 +48,7 @@ from torch import nn
 
 from sweeper.cache import cache_dir, cache_key, cached_file
 from sweeper.errors import TaskError
-from sweeper.task import Batch, LabeledBatch, Task, check_sample_count
+from sweeper.task import Batch, LabeledBatch, Task
 
 IMAGE_SIZE = 224
 SCALES = (256, 320)
@@ -248,7 +248,6 @@ class EfficientNetLite0(Task):
 
     def example_inputs(self, batch_size: int = 1) -> Batch:
         """The first ``batch_size`` calibration views (repeated when there are fewer)."""
-        _check_batch_size(batch_size)
         pixels = self.views["calibration"]
         return {"input": normalise(pixels[np.arange(batch_size) % len(pixels)])}
 
@@ -257,14 +256,11 @@ class EfficientNetLite0(Task):
         return len(CALIBRATION_PHOTOS) * VIEWS_PER_PHOTO
 
     def calibration_batches(self, n: int, batch_size: int = 32) -> Iterator[Batch]:
-        check_sample_count(self, n)
-        _check_batch_size(batch_size)
         pixels = self.views["calibration"]
         return ({"input": normalise(pixels[i : min(i + batch_size, n)])} for i in range(0, n, batch_size))
 
     def eval_batches(self, batch_size: int = 256) -> Iterator[LabeledBatch]:
         """Evaluation views with the FP32 model's top-1 classes as labels (see the module doc)."""
-        _check_batch_size(batch_size)
         pixels, labels = self.views["evaluation"], self.labels
         return (
             ({"input": normalise(pixels[i : i + batch_size])}, labels[i : i + batch_size].copy())
@@ -294,10 +290,6 @@ class EfficientNetLite0(Task):
         hits["all"] = float(np.concatenate(hit_all).mean() * 100.0)
         return hits
 
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise TaskError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _weights_digest() -> str:

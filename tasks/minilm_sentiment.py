@@ -46,7 +46,7 @@ from torch import nn
 
 from sweeper.cache import cache_dir, cache_key, cached_file
 from sweeper.errors import TaskError
-from sweeper.task import Batch, LabeledBatch, Task, check_sample_count
+from sweeper.task import Batch, LabeledBatch, Task
 
 SEQ_LEN = 64
 SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
@@ -230,7 +230,6 @@ class MiniLMSentiment(Task):
 
     def example_inputs(self, batch_size: int = 1) -> Batch:
         """The first ``batch_size`` calibration snippets (repeated when there are fewer), 64 tokens."""
-        _check_batch_size(batch_size)
         calibration = self.split_rows["calibration"]
         return self._inputs(calibration[np.arange(batch_size) % len(calibration)])
 
@@ -239,13 +238,10 @@ class MiniLMSentiment(Task):
         return len(self.split_rows["calibration"])
 
     def calibration_batches(self, n: int, batch_size: int = 32) -> Iterator[Batch]:
-        check_sample_count(self, n)
-        _check_batch_size(batch_size)
         rows = self.split_rows["calibration"][:n]
         return (self._inputs(rows[i : i + batch_size]) for i in range(0, n, batch_size))
 
     def eval_batches(self, batch_size: int = 256) -> Iterator[LabeledBatch]:
-        _check_batch_size(batch_size)
         rows = self.split_rows["evaluation"]
         labels = self.data["labels"]
         return (
@@ -254,7 +250,6 @@ class MiniLMSentiment(Task):
         )
 
     def train_batches(self, batch_size: int = 64, *, seed: int = 0) -> Iterator[LabeledBatch]:
-        _check_batch_size(batch_size)
         rows = self.split_rows["train"]
         rows = rows[np.random.default_rng(seed).permutation(len(rows))]
         labels = self.data["labels"]
@@ -316,10 +311,6 @@ class MiniLMSentiment(Task):
                 ).numpy()
         return out
 
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise TaskError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def _file_digest(*paths: Path) -> str:
