@@ -112,6 +112,9 @@ def make_session(path: Path, num_threads: int) -> onnxruntime.InferenceSession:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT warns about unused initializers and the like
+    # Idle intra-op threads spin-wait by default; timed interleaved with the FP32 model (or while
+    # another trial's phase waits), spinning threads would bill their cores to the other model.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
