@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sweeper.backends._base import Candidate
 from sweeper.task import Batch, Task
 
 if TYPE_CHECKING:
@@ -128,3 +129,27 @@ def _name_like_the_task(proto: onnx.ModelProto, task: Task) -> None:
         for axis, label in dynamic.get(value.name, {}).items():
             if axis < len(dims) and not dims[axis].HasField("dim_value"):
                 dims[axis].dim_param = label
+
+
+class KerasCandidate(Candidate):
+    """A Keras model run by Keras itself (TensorFlow): the FP32 baseline of a Keras task.
+
+    Its artifact is the model in Keras' own format (``model.keras``).
+    """
+
+    def __init__(self, model: Any, task: Task) -> None:
+        self.model = model
+        self.task = task
+
+    def predict(self, batch: Batch) -> np.ndarray:
+        return np.asarray(keras_outputs(self.model, self.task, batch), dtype=np.float32)
+
+    def _write(self, directory: Path) -> Path:
+        path = directory / "model.keras"
+        self.model.save(path)
+        return path
+
+
+def keras_weights_bytes(model: Any) -> int:
+    """Bytes of a Keras model's weights (the FP32 size every candidate is compared with)."""
+    return int(sum(np.asarray(w).nbytes for w in model.get_weights()))
