@@ -13,9 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sweeper.rows import failed_result
 from sweeper.space import Space
-from sweeper.spec import TrialResult, TrialSpec
+from sweeper.spec import TrialResult, TrialSpec, failed_result
 
 # Ray retries a trial whose worker process or node died this many times before it is failed.
 SYSTEM_RETRIES = 2

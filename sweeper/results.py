@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sweeper.location import RemotePath, StudyPath, location
+from sweeper.spec import VERSIONED_PACKAGES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,11 +82,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("node_id", pa.string(), "Ray node id"),
     ("hostname", pa.string(), "host name of the node"),
     ("cpu_model", pa.string(), "CPU model of the node"),
-    ("torch_version", pa.string(), ""),
-    ("onnxruntime_version", pa.string(), ""),
-    ("optuna_version", pa.string(), ""),
-    ("ray_version", pa.string(), ""),
-    ("sweeper_version", pa.string(), ""),
+    *((f"{package}_version", pa.string(), f"version of {package} on the node") for package in VERSIONED_PACKAGES),
     ("error", pa.string(), "error text of a failed trial"),
     ("artifact_path", pa.string(), "where the trial saved its model"),
 ]

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import UTC, datetime
 from typing import Any
 
 from sweeper.measure import accuracy_drop
 from sweeper.space import Space
-from sweeper.spec import TrialResult, TrialSpec
+from sweeper.spec import VERSIONED_PACKAGES, TrialResult, TrialSpec
 
 # Error text of trials a stopped driver left running. They are asked again on resume and do not
 # count toward the study's trial budget.
 INTERRUPTED = "interrupted:"
-
-
-def failed_result(error: str) -> TrialResult:
-    """A failed result for a trial that never produced one of its own."""
-    now = time.time()
-    return TrialResult(state="failed", started_at=now, finished_at=now, error=error)
 
 
 def counts_toward_budget(row: dict[str, Any]) -> bool:
@@ -108,6 +101,6 @@ def make_row(space: Space, spec: TrialSpec, result: TrialResult, baseline: dict[
             "node_id": env.node_id,
             "hostname": env.hostname,
             "cpu_model": env.cpu_model,
-            **{f"{dist}_version": env.versions.get(dist, "") for dist in ("torch", "onnxruntime", "optuna", "ray", "sweeper")},
+            **{f"{dist}_version": env.versions.get(dist, "") for dist in VERSIONED_PACKAGES},
         }
     return row

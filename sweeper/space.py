@@ -1,4 +1,4 @@
-"""Search-space files: parse, validate against the backends' configs, and suggest trials.
+"""Search-space files: parse them and validate them against the backends' configs.
 
 A space file is YAML::
 
@@ -38,6 +38,7 @@ from pydantic import (
 
 from sweeper.errors import ConfigError, did_you_mean
 from sweeper.params import Param, parse_backend_params
+from sweeper.spec import MeasureSettings
 
 if TYPE_CHECKING:
     from sweeper.exclusion import ExclusionSpec
@@ -106,31 +107,6 @@ class TargetSpec(_Strict):
         return options
 
 
-class MeasureSpec(_Strict):
-    """How latency is timed: ``warmup_runs`` untimed calls, then timed runs of each model until both
-    ``min_runs`` runs and ``min_time_s`` seconds are reached, or ``max_runs`` runs, whichever comes
-    first: ``max_runs`` is a cap that ends timing even before ``min_time_s`` has passed (a fast
-    model has stable percentiles long before then).
-    """
-
-    batch_size: int = Field(default=1, ge=1)
-    warmup_runs: int = Field(default=10, ge=0)
-    min_runs: int = Field(default=50, ge=1)
-    max_runs: int = Field(default=2000, ge=1)
-    min_time_s: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    round_size: int = Field(default=10, ge=1)
-    eval_batch_size: int = Field(default=256, ge=1)
-
-    @model_validator(mode="after")
-    def _min_runs_within_cap(self) -> MeasureSpec:
-        if self.min_runs > self.max_runs:
-            raise ValueError(
-                f"min_runs ({self.min_runs}) must be at most max_runs ({self.max_runs}): timing stops at "
-                "max_runs runs even if min_runs or min_time_s is not reached yet"
-            )
-        return self
-
-
 class EarlyStopSpec(_Strict):
     """Cheap-first evaluation: score a share of the evaluation split first, prune hopeless trials.
 
@@ -154,7 +130,7 @@ class SpaceFile(_Strict):
     hardware: TargetSpec | None = None
     targets: dict[str, TargetSpec] | None = None
     trial_timeout_s: float | None = Field(default=None, gt=0)
-    measure: MeasureSpec = MeasureSpec()
+    measure: MeasureSettings = MeasureSettings()
     early_stop: EarlyStopSpec | None = None
     backends: dict[str, dict[str, Any] | None] = Field(min_length=1)
 
@@ -175,7 +151,7 @@ class Space:
     constraint: ConstraintSpec
     targets: dict[str, TargetSpec]
     trial_timeout_s: float | None
-    measure: MeasureSpec
+    measure: MeasureSettings
     backends: dict[str, dict[str, Param]]
     backend_targets: dict[str, str]
     exclusions: dict[str, ExclusionSpec]

@@ -5,10 +5,17 @@ The driver sends a :class:`TrialSpec` to a Ray task; the task returns a :class:`
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TrialState = Literal["complete", "failed", "pruned"]
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A trial's outcome as its row records it (Optuna's own TrialState is a different thing).
+Outcome = Literal["complete", "failed", "pruned"]
+
+# The libraries whose versions every row records (``<name>_version`` columns).
+VERSIONED_PACKAGES = ("torch", "onnxruntime", "optuna", "ray", "sweeper")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,22 +27,34 @@ class TaskRef:
     attr: str = "TASK"
 
 
-@dataclass(frozen=True, kw_only=True)
-class MeasureSettings:
-    """How latency and accuracy are measured.
+class MeasureSettings(BaseModel):
+    """How latency and accuracy are measured (a space file's ``measure`` block, sent to each trial).
 
-    Latency: ``warmup_runs`` untimed calls each, then timed calls of candidate and FP32 baseline
-    in alternating rounds until both have at least ``min_runs`` and ``min_time_s`` has passed, or
-    ``max_runs`` is reached.
+    Latency: ``warmup_runs`` untimed calls, then timed runs of each model (candidate and FP32
+    baseline in alternating rounds of ``round_size``) until both ``min_runs`` runs and
+    ``min_time_s`` seconds are reached, or ``max_runs`` runs, whichever comes first: ``max_runs``
+    is a cap that ends timing even before ``min_time_s`` has passed (a fast model has stable
+    percentiles long before then).
     """
 
-    batch_size: int = 1
-    warmup_runs: int = 10
-    min_runs: int = 50
-    max_runs: int = 2000
-    min_time_s: float = 1.0
-    round_size: int = 10
-    eval_batch_size: int = 256
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(default=1, ge=1)
+    warmup_runs: int = Field(default=10, ge=0)
+    min_runs: int = Field(default=50, ge=1)
+    max_runs: int = Field(default=2000, ge=1)
+    min_time_s: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    round_size: int = Field(default=10, ge=1)
+    eval_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _min_runs_within_cap(self) -> MeasureSettings:
+        if self.min_runs > self.max_runs:
+            raise ValueError(
+                f"min_runs ({self.min_runs}) must be at most max_runs ({self.max_runs}): timing stops at "
+                "max_runs runs even if min_runs or min_time_s is not reached yet"
+            )
+        return self
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +104,7 @@ class Environment:
 class TrialResult:
     """What one trial measured. Failed trials carry ``error`` and whatever was measured before."""
 
-    state: TrialState
+    state: Outcome
     started_at: float
     finished_at: float
     environment: Environment | None = None
@@ -108,3 +127,9 @@ class TrialResult:
     artifact_files: dict[str, bytes] | None = None
     attempt: int | None = 1
     error: str | None = None
+
+
+def failed_result(error: str) -> TrialResult:
+    """A failed result for a trial that never produced one of its own."""
+    now = time.time()
+    return TrialResult(state="failed", started_at=now, finished_at=now, error=error)

@@ -21,11 +21,11 @@ from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.exclusion import study_rankings, warm_start_ladder
 from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
-from sweeper.rows import INTERRUPTED, counts_toward_budget, failed_result, make_row
+from sweeper.rows import INTERRUPTED, counts_toward_budget, make_row
 from sweeper.sampling import suggest
 from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
-from sweeper.spec import MeasureSettings, TaskRef, TrialResult, TrialSpec
+from sweeper.spec import TaskRef, TrialResult, TrialSpec, failed_result
 from sweeper.task import check_task_file, find_task_file, task_search_dirs
 
 EventHandler = Callable[[str, dict[str, Any]], None]
@@ -174,7 +174,7 @@ class _Context:
             task=self.task_ref,
             backend=backend,
             params=params,
-            measure=MeasureSettings(**self.space.measure.model_dump()),
+            measure=self.space.measure,
             num_threads=self.space.targets[target].num_cpus,
             artifact_dir=str(study_folder.artifact_dir(self.study_dir, trial_number)),
             target=target,
@@ -305,7 +305,7 @@ def _study_info(study_dir: StudyPath, space: Space, task_ref: TaskRef, options: 
 
     target = space.targets[space.backend_targets[next(iter(space.backends))]]
     remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
-    measure = MeasureSettings(**space.measure.model_dump())
+    measure = space.measure
     try:
         baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus, _first_params(space)))
     except ray.exceptions.RayTaskError as exc:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.spec import Environment, MeasureSettings, TaskRef, TrialResult, TrialSpec
+from sweeper.spec import VERSIONED_PACKAGES, Environment, MeasureSettings, TaskRef, TrialResult, TrialSpec
 
 if TYPE_CHECKING:
     import torch
@@ -244,7 +244,7 @@ def environment() -> Environment:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
-    for dist in ("torch", "onnxruntime", "optuna", "ray", "sweeper"):
+    for dist in VERSIONED_PACKAGES:
         try:
             versions[dist] = version(dist)
         except PackageNotFoundError:
