@@ -134,7 +134,7 @@ class Builder:
     def drop(self, candidate: Any) -> tuple[float, float]:
         """(metric, drop against the PyTorch FP32 metric) on the whole evaluation split."""
         from sweeper.measure import accuracy_drop
-        from sweeper.trial import evaluate
+        from sweeper.worker import evaluate
 
         task = self.baseline.task
         outputs, labels = evaluate(candidate.predict, task, self.settings.measure.eval_batch_size)
@@ -158,7 +158,7 @@ def greedy_revert(builder: Builder, roots: CacheRoots) -> tuple[Outcome, list[st
     """(b) Rank layers by sweeper's sensitivity, then leave the next most sensitive layer in
     float until the drop is within budget. Returns the outcome and the ranking."""
     from sweeper.measure import accuracy_drop
-    from sweeper.sensitivity import list_layers, score_layers
+    from sweeper.scoring import list_layers, score_layers
 
     s = builder.settings
     params = {k: v for k, v in s.int8_params().items() if k != "nodes_to_exclude"}

@@ -140,7 +140,7 @@ def run(s: Settings, scratch: Path) -> None:
     from sweeper.backends import BuildContext, get_backend
     from sweeper.backends.onnx.export import export_onnx
     from sweeper.backends.onnx.runtime import OnnxCandidate, onnx_layer_units
-    from sweeper.trial import prepare_baseline
+    from sweeper.worker import prepare_baseline
 
     torch.set_num_threads(s.threads)
     info = machine()

@@ -57,9 +57,7 @@ def job_runtime_env() -> dict[str, Any] | None:
 
 
 def _package_dir() -> Path:
-    import sweeper
-
-    return Path(sweeper.__file__).resolve().parent
+    return Path(__file__).resolve().parent
 
 
 def worker_launch(address: str | None, task_file: Path) -> WorkerLaunch:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper import analysis, plots, results
+from sweeper.importance import param_importance
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -150,8 +151,6 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
         "history": plots.optimization_history(df, out / "history.png", objective),
     }
     try:
-        from sweeper.importance import param_importance
-
         importance = param_importance(study_dir, min_trials=importance_min_trials)
         notes.extend(importance.notes)
         images["importance"] = plots.param_importance(importance.table, out / "importance.png")

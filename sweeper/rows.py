@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sweeper.backends import get_backend
+from sweeper.errors import ConfigError
 from sweeper.measure import accuracy_drop
-from sweeper.space import Space
 from sweeper.spec import VERSIONED_PACKAGES, TrialResult, TrialSpec
+
+if TYPE_CHECKING:
+    from sweeper.space import Space
 
 # Error text of trials a stopped driver left running. They are asked again on resume and do not
 # count toward the study's trial budget.
@@ -21,9 +25,6 @@ def counts_toward_budget(row: dict[str, Any]) -> bool:
 
 
 def _exclusion_field(backend: str) -> str | None:
-    from sweeper.backends import get_backend
-    from sweeper.errors import ConfigError
-
     try:
         return get_backend(backend).exclusion_field
     except (ConfigError, ImportError):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sweeper.backends import get_backend
+from sweeper.exclusion import suggest_excluded
 from sweeper.params import Choices, Fixed, decode_choice, encode_choice
 from sweeper.space import Space
 
@@ -33,9 +35,6 @@ def suggest(
             params[key] = trial.suggest_float(label, float(param.low), float(param.high), step=param.step, log=param.log)
     exclusion = space.exclusions.get(backend)
     if exclusion is not None:
-        from sweeper.backends import get_backend
-        from sweeper.exclusion import suggest_excluded
-
         if rankings is None or backend not in rankings:
             raise ValueError(f"backend '{backend}' searches layer exclusion but no sensitivity ranking was given")
         field = get_backend(backend).exclusion_field

@@ -36,12 +36,13 @@ from pydantic import (
     model_validator,
 )
 
+from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, did_you_mean
+from sweeper.exclusion import ExclusionSearch, parse_exclusion
 from sweeper.params import Param, parse_backend_params
 from sweeper.spec import MeasureSettings
 
 if TYPE_CHECKING:
-    from sweeper.exclusion import ExclusionSpec
     from sweeper.task import Task
 
 Objective = Literal["latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "size_bytes"]
@@ -51,7 +52,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ConstraintSpec(_Strict):
+class Constraint(_Strict):
     """The accuracy budget: ``max_drop`` in the metric's units (``absolute``) or in percent of the
     FP32 metric (``relative``, so at most 100). An absolute budget on a percentage metric is at
     most 100 points too; :func:`check_constraint` checks that against the task.
@@ -61,7 +62,7 @@ class ConstraintSpec(_Strict):
     mode: Literal["absolute", "relative"] = "absolute"
 
     @model_validator(mode="after")
-    def _relative_at_most_100(self) -> ConstraintSpec:
+    def _relative_at_most_100(self) -> Constraint:
         if self.mode == "relative" and self.max_drop > 100:
             raise ValueError(
                 f"max_drop {self.max_drop:g} with mode 'relative' is in percent of the FP32 metric, "
@@ -70,7 +71,7 @@ class ConstraintSpec(_Strict):
         return self
 
 
-class TargetSpec(_Strict):
+class HardwareTarget(_Strict):
     """A kind of node trials run on, and what each trial reserves there.
 
     ``num_cpus`` is also the number of threads a trial uses, so latency is measured with the
@@ -85,7 +86,7 @@ class TargetSpec(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _gpus_for_gpu_kind(self) -> TargetSpec:
+    def _gpus_for_gpu_kind(self) -> HardwareTarget:
         if self.kind == "gpu" and self.num_gpus <= 0:
             raise ValueError("a target of kind 'gpu' needs num_gpus > 0")
         if self.kind == "cpu" and self.num_gpus > 0:
@@ -107,7 +108,7 @@ class TargetSpec(_Strict):
         return options
 
 
-class EarlyStopSpec(_Strict):
+class EarlyStop(_Strict):
     """Cheap-first evaluation: score a share of the evaluation split first, prune hopeless trials.
 
     A trial whose drop on the first ``fraction`` of the evaluation split exceeds the constraint's
@@ -126,12 +127,12 @@ class SpaceFile(_Strict):
     max_concurrent: int | None = Field(default=None, ge=1)
     seed: int | None = None
     objective: Objective = "latency_ms_p50"
-    constraint: ConstraintSpec
-    hardware: TargetSpec | None = None
-    targets: dict[str, TargetSpec] | None = None
+    constraint: Constraint
+    hardware: HardwareTarget | None = None
+    targets: dict[str, HardwareTarget] | None = None
     trial_timeout_s: float | None = Field(default=None, gt=0)
     measure: MeasureSettings = MeasureSettings()
-    early_stop: EarlyStopSpec | None = None
+    early_stop: EarlyStop | None = None
     backends: dict[str, dict[str, Any] | None] = Field(min_length=1)
 
 
@@ -148,16 +149,16 @@ class Space:
     max_concurrent: int | None
     seed: int | None
     objective: Objective
-    constraint: ConstraintSpec
-    targets: dict[str, TargetSpec]
+    constraint: Constraint
+    targets: dict[str, HardwareTarget]
     trial_timeout_s: float | None
     measure: MeasureSettings
     backends: dict[str, dict[str, Param]]
     backend_targets: dict[str, str]
-    exclusions: dict[str, ExclusionSpec]
-    early_stop: EarlyStopSpec | None
+    exclusions: dict[str, ExclusionSearch]
+    early_stop: EarlyStop | None
 
-    def target_of(self, backend: str) -> TargetSpec:
+    def target_of(self, backend: str) -> HardwareTarget:
         """The target the backend's trials run on."""
         return self.targets[self.backend_targets[backend]]
 
@@ -191,18 +192,18 @@ def load_space(path: str | Path) -> Space:
         raise ConfigError(_explain(path, exc, SpaceFile)) from None
     if spec.hardware is not None and spec.targets is not None:
         raise ConfigError(f"{path}: give either 'hardware' (one target) or 'targets' (several), not both")
-    targets = spec.targets if spec.targets is not None else {"default": spec.hardware or TargetSpec()}
+    targets = spec.targets if spec.targets is not None else {"default": spec.hardware or HardwareTarget()}
     if not targets:
         raise ConfigError(f"{path}: key 'targets' must name at least one target")
     backends: dict[str, dict[str, Param]] = {}
     backend_targets: dict[str, str] = {}
-    exclusions: dict[str, ExclusionSpec] = {}
+    exclusions: dict[str, ExclusionSearch] = {}
     for name, raw_params in spec.backends.items():
         params = dict(raw_params or {})
         wanted = params.pop("target", None)
         if "exclude" in params:
             exclusions[name] = _exclusion(path, name, params)
-        backends[name] = parse_backend_params(path, name, params)
+        backends[name] = parse_backend_params(path, name, _config_class(path, name), params)
         backend_targets[name] = _pick_target(path, name, wanted, targets)
     return Space(
         path=path,
@@ -261,24 +262,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _exclusion(path: Path, backend: str, params: dict[str, Any]) -> ExclusionSpec:
-    from sweeper.backends import get_backend
-    from sweeper.exclusion import parse_exclusion
+def _config_class(path: Path, backend: str) -> type[BaseModel]:
+    try:
+        return get_backend(backend).Config
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: key 'backends.{backend}': {exc}") from None
 
-    spec = parse_exclusion(path, backend, params.pop("exclude"))
+
+def _exclusion(path: Path, backend: str, params: dict[str, Any]) -> ExclusionSearch:
+    search = parse_exclusion(path, backend, params.pop("exclude"))
     field = get_backend(backend).exclusion_field
     if field in params:
         raise ConfigError(
             f"{path}: key 'backends.{backend}.{field}': give either '{field}' (a fixed list) or 'exclude' "
             "(searched from the sensitivity ranking), not both"
         )
-    return spec
+    return search
 
 
-def _pick_target(path: Path, backend: str, wanted: Any, targets: dict[str, TargetSpec]) -> str:
+def _pick_target(path: Path, backend: str, wanted: Any, targets: dict[str, HardwareTarget]) -> str:
     """The target a backend runs on: the one its block names, else the first of a kind it supports."""
-    from sweeper.backends import get_backend
-
     hardware = get_backend(backend).hardware
     if wanted is not None:
         if wanted not in targets:

@@ -17,16 +17,20 @@ from typing import Any
 
 from sweeper import results, study_folder
 from sweeper.backends import get_backend
-from sweeper.errors import ConfigError, SweeperInputError
-from sweeper.exclusion import study_rankings, warm_start_ladder
+from sweeper.cluster import cluster_cpus, connect, worker_launch
+from sweeper.dispatch import Dispatcher
+from sweeper.errors import ConfigError, SweeperInputError, TaskError
+from sweeper.exclusion import warm_start_ladder
 from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
 from sweeper.rows import INTERRUPTED, counts_toward_budget, make_row
 from sweeper.sampling import suggest
+from sweeper.sensitivity import study_rankings
 from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
 from sweeper.spec import TaskRef, TrialResult, TrialSpec, failed_result
 from sweeper.task import check_task_file, find_task_file, task_search_dirs
+from sweeper.worker import baseline_summary
 
 EventHandler = Callable[[str, dict[str, Any]], None]
 
@@ -66,7 +70,6 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     study_name = options.study or space.study
     task_name = options.task or space.task
     task_path = check_task_file(find_task_file(task_name, task_search_dirs(space.path, options.task_dirs)))
-    from sweeper.cluster import connect, worker_launch
 
     # On an existing cluster the workers find the task through a runtime env (see cluster.py).
     launch = worker_launch(options.address, task_path)
@@ -107,7 +110,6 @@ def _sweep(
 ) -> SweepSummary:
     import optuna
 
-    from sweeper.cluster import cluster_cpus
 
     study_name = options.study or space.study
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -219,7 +221,6 @@ STOP_POLL_S = 0.5
 
 
 def _loop(study: Any, ctx: _Context, remaining: int, max_concurrent: int, stop: StopFlag) -> int:
-    from sweeper.dispatch import Dispatcher
 
     dispatcher = Dispatcher(ctx.space, max_concurrent)
     asked = written = 0
@@ -300,8 +301,6 @@ def _study_info(study_dir: StudyPath, space: Space, task_ref: TaskRef, options: 
         return existing
     import ray
 
-    from sweeper.errors import TaskError
-    from sweeper.trial import baseline_summary
 
     target = space.targets[space.backend_targets[next(iter(space.backends))]]
     remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
