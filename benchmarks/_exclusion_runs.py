@@ -120,15 +120,14 @@ class Builder:
     def build(self, params: dict[str, Any], cache_root: Path) -> Any:
         """Build one candidate, in a workdir of its own (the backend names its ranges file
         ``calibration.json`` in the workdir, so a reused workdir could feed it stale ranges)."""
-        from sweeper.backends import BuildContext, get_backend
+        from sweeper.backends import get_backend
+        from sweeper.worker import build_context
 
         self._count += 1
         workdir = self.scratch / f"build-{self._count:04d}"
         workdir.mkdir(parents=True)
-        ctx = BuildContext(
-            model=self.baseline.model, task=self.baseline.task, workdir=workdir,
-            cache_dir=cache_root / "models", num_threads=self.settings.threads,
-        )  # fmt: skip
+        ctx = build_context(self.baseline.model, self.baseline.task, workdir, self.settings.threads,
+                            models_cache=cache_root / "models")
         return get_backend(BACKEND).build(ctx, get_backend(BACKEND).config(params))
 
     def drop(self, candidate: Any) -> tuple[float, float]:

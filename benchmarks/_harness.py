@@ -174,10 +174,10 @@ def benchmark_model(
     info: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Every row of one model's table (the PyTorch FP32 reference first)."""
-    from sweeper.backends import BuildContext, get_backend
+    from sweeper.backends import get_backend
     from sweeper.backends.torch.eager import TorchCandidate
-    from sweeper.cache import cache_dir
     from sweeper.task import load_task
+    from sweeper.worker import build_context
 
     t0 = time.time()
     print(f"... {model.label}: loading", file=sys.stderr, flush=True)
@@ -209,10 +209,7 @@ def benchmark_model(
             print(f"... {model.label}: {method.label} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
             started = time.time()
             try:
-                ctx = BuildContext(
-                    model=fp32_model, task=task, workdir=Path(tmp) / f"work-{i}", cache_dir=cache_dir("models"),
-                    num_threads=args.threads,
-                )  # fmt: skip
+                ctx = build_context(fp32_model, task, Path(tmp) / f"work-{i}", args.threads)
                 ctx.workdir.mkdir()
                 backend = get_backend(method.backend)
                 candidate = backend.build(ctx, backend.Config(**params))
