@@ -211,7 +211,8 @@ def sensitivity_with_exclusions(
         columns["feasible_excluding"].append(int((has & feasible).sum()))
         columns["median_accuracy_drop_excluding"].append(done.loc[has, "accuracy_drop"].median())
         columns["median_accuracy_drop_including"].append(done.loc[lacks, "accuracy_drop"].median())
-        columns[f"best_feasible_{objective}_excluding"].append(_best(done.loc[has & feasible, objective], maximised(objective)))
+        best_value = _best(done.loc[has & feasible, objective], maximised(objective))
+        columns[f"best_feasible_{objective}_excluding"].append(best_value)
         in_best = row.layer in best_excluded and (not isinstance(backend, str) or backend == best_backend)
         columns["excluded_in_best"].append(bool(in_best))
     for name, values in columns.items():

@@ -101,7 +101,9 @@ def parse_exclusion(path: Path, backend: str, raw: Any) -> ExclusionSearch:
                 f"{path}: key 'backends.{backend}.exclude.{key}': patterns must be non-empty strings, "
                 f"got {getattr(block, key)!r}"
             )
-    search = ExclusionSearch(top_k=top_k, per_layer=block.per_layer, always=tuple(block.always), never=tuple(block.never))
+    search = ExclusionSearch(
+        top_k=top_k, per_layer=block.per_layer, always=tuple(block.always), never=tuple(block.never)
+    )
     if search.candidates == 0 and not search.always:
         raise ConfigError(f"{where}: excludes nothing; give top_k above 0, per_layer above 0 or always")
     return search

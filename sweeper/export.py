@@ -153,7 +153,7 @@ def _reproducing_space(config: dict[str, Any], space: dict[str, Any]) -> str:
     import yaml
 
     params = {k: {"value": v} if isinstance(v, list) else v for k, v in config["params"].items()}
-    body = {
+    body: dict[str, Any] = {
         "task": config["task_path"] or config["task"],
         "study": f"{config['study']}-trial-{config['trial_number']}",
         "trials": 1,

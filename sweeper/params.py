@@ -60,6 +60,8 @@ def parse_backend_params(path: Path, name: str, config_cls: type[BaseModel], raw
 class _Where(str):
     """Where a value sits, as ``FILE: key 'a.b.c'``; ``where.sub("low")`` names a sub-key."""
 
+    prefix: str
+
     def __new__(cls, prefix: str) -> _Where:
         self = super().__new__(cls, prefix + "'")
         self.prefix = prefix

@@ -50,7 +50,7 @@ class SweepProgress:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
@@ -63,7 +63,9 @@ class SweepProgress:
         elif kind == "sensitivity":
             backend = data["backend"]
             if backend not in self.sensitivity:
-                self.sensitivity[backend] = self.progress.add_task(escape(f"layers scored, {backend}"), total=data["total"], status="")
+                self.sensitivity[backend] = self.progress.add_task(
+                    escape(f"layers scored, {backend}"), total=data["total"], status=""
+                )
             self.progress.update(self.sensitivity[backend], completed=data["done"], total=data["total"])
         elif kind == "started":
             self.running += 1

@@ -195,6 +195,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
             "(a sweep whose space searches layer exclusion writes it too)."
         )
     else:  # the table's own extra columns (the config it was measured with) stay in the Parquet file
+        assert sensitivity is not None  # joined is made from it
         extra = set(sensitivity.columns) - {"backend", *analysis.SENSITIVITY_COLUMNS}
         doc.table(_formatted(joined.drop(columns=sorted(extra))))
         doc.image(images["sensitivity"], "Per-layer sensitivity, most sensitive first")

@@ -58,7 +58,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("drop_mode", pa.string(), "absolute (metric units) or relative (percent of FP32)"),
     ("max_drop", pa.float64(), "the constraint: largest drop allowed"),
     ("feasible", pa.bool_(), "accuracy_drop <= max_drop"),
-    ("subset_accuracy", pa.float64(), "candidate metric on the first share of the evaluation split (cheap-first evaluation)"),
+    (
+        "subset_accuracy",
+        pa.float64(),
+        "candidate metric on the first share of the evaluation split (cheap-first evaluation)",
+    ),
     ("subset_accuracy_fp32", pa.float64(), "FP32 metric on that share"),
     ("subset_samples", pa.int64(), "samples in that share"),
     ("excluded_layers", pa.list_(pa.string()), "layers left in float (the backend's exclusion field)"),
@@ -114,7 +118,7 @@ def write_row(study_dir: StudyPath, row: dict[str, Any]) -> StudyPath:
     full = {name: row.get(name) for name in COLUMN_NAMES}
     full["schema_version"] = SCHEMA_VERSION
     table = pa.Table.from_pylist([full], schema=SCHEMA)
-    path = row_path(study_dir, int(full["trial_number"]))
+    path = row_path(study_dir, int(row["trial_number"]))
     if path.exists():
         raise FileExistsError(f"trial {full['trial_number']} already has a row at {path}")
     if isinstance(path, RemotePath):
@@ -142,7 +146,7 @@ def study_dirs(paths: str | StudyPath | Iterable[str | StudyPath]) -> list[Study
         if trials_dir(path).is_dir():
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(p.parent for p in path.glob("*/trials") if p.is_dir()))
+            found.extend(sorted((p.parent for p in path.glob("*/trials") if p.is_dir()), key=str))
         else:
             raise FileNotFoundError(f"results folder '{path}' does not exist")
     return found
@@ -150,7 +154,9 @@ def study_dirs(paths: str | StudyPath | Iterable[str | StudyPath]) -> list[Study
 
 def read_table(paths: str | StudyPath | Iterable[str | StudyPath]) -> pa.Table:
     """Read every row of the given studies as one Arrow table with the current schema."""
-    files = [f for d in study_dirs(paths) for f in sorted(trials_dir(d).glob("trial-*.parquet"), key=str)]
+    files: list[Any] = [
+        f for d in study_dirs(paths) for f in sorted(trials_dir(d).glob("trial-*.parquet"), key=str)
+    ]
     if not files:
         return SCHEMA.empty_table()
     tables = [_conform(pq.read_table(_source(f))) for f in files]
@@ -176,7 +182,8 @@ def load(paths: str | StudyPath | Iterable[str | StudyPath]) -> pd.DataFrame:
     """Load one or more studies' rows into a pandas DataFrame, sorted by study and trial.
 
     ``paths`` may be a study folder, a results folder holding several studies, or a list of
-    either; each a local path or an object-store URI (``s3://bucket/results/quickstart``). The fixed columns (:data:`COLUMNS`) come first, then each config field found in
+    either; each a local path or an object-store URI (``s3://bucket/results/quickstart``). The fixed
+    columns (:data:`COLUMNS`) come first, then each config field found in
     ``params_json`` as a typed ``param.<field>`` column (:func:`expand_params`).
     """
     df = read_table(paths).to_pandas()

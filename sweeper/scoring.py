@@ -15,10 +15,18 @@ from typing import Any
 import numpy as np
 
 from sweeper.backends import get_backend
-from sweeper.errors import SweeperInputError
+from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.spec import TaskRef
 from sweeper.task import load_task
-from sweeper.worker import build_context, evaluate, prepare_baseline, set_threads
+from sweeper.worker import Baseline, build_context, evaluate, prepare_baseline, set_threads
+
+
+def _exclusion_field(backend: str) -> str:
+    field = get_backend(backend).exclusion_field
+    if field is None:
+        raise ConfigError(f"backend '{backend}' cannot leave layers in float, so its layers have no sensitivity")
+    return field
+
 
 # Error text kept per row.
 MAX_ERROR_CHARS = 600
@@ -70,6 +78,7 @@ def _context(
     """The FP32 reference and a build context. With ``reference`` (the FP32 outputs and labels the
     listing task computed) the FP32 model is not evaluated again in this process."""
     set_threads(num_threads)
+    baseline: Baseline | _Reference
     if reference is None:
         baseline = prepare_baseline(task_ref, eval_batch_size)
     else:
@@ -85,33 +94,51 @@ def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_b
     return baseline.task.metric(outputs, baseline.labels), output_error(baseline.outputs, outputs)
 
 
-def list_layers(task_ref: TaskRef, backend: str, params: dict[str, Any], eval_batch_size: int, num_threads: int) -> dict[str, Any]:
+def list_layers(
+    task_ref: TaskRef, backend: str, params: dict[str, Any], eval_batch_size: int, num_threads: int
+) -> dict[str, Any]:
     """The exclusion units, every excludable name, and the FP32 and fully quantized figures (a Ray
     task body). A fully quantized model that fails to build leaves its figures NaN, with ``full_failure``."""
     impl = get_backend(backend)
+    field = _exclusion_field(backend)
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
         baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir)
         units, names = impl.exclusion_units(ctx, impl.config(params))
         full_failure = None
         try:
-            full_metric, full_error = _score(baseline, ctx, backend, {**params, impl.exclusion_field: ()}, eval_batch_size)
+            full_metric, full_error = _score(
+                baseline, ctx, backend, {**params, field: ()}, eval_batch_size
+            )
         except SweeperInputError:
             raise  # a config or task problem (too many calibration samples, say) fails every layer alike
         except Exception as exc:  # recorded; each unit is still scored on its own
             full_metric, full_error, full_failure = math.nan, math.nan, describe_error(exc)
-    return {"units": [dataclasses.asdict(u) for u in units], "names": list(names), "metric_fp32": baseline.metric,
-            "higher_is_better": baseline.task.higher_is_better, "full_metric": full_metric, "full_error": full_error,
-            "full_failure": full_failure, "reference": {"outputs": baseline.outputs, "labels": baseline.labels}}
+    return {
+        "units": [dataclasses.asdict(u) for u in units],
+        "names": list(names),
+        "metric_fp32": baseline.metric,
+        "higher_is_better": baseline.task.higher_is_better,
+        "full_metric": full_metric,
+        "full_error": full_error,
+        "full_failure": full_failure,
+        "reference": {"outputs": baseline.outputs, "labels": baseline.labels},
+    }
 
 
 def score_layers(
-    task_ref: TaskRef, backend: str, params: dict[str, Any], units: list[dict[str, Any]], names: list[str],
-    eval_batch_size: int, num_threads: int, reference: dict[str, Any] | None = None,
+    task_ref: TaskRef,
+    backend: str,
+    params: dict[str, Any],
+    units: list[dict[str, Any]],
+    names: list[str],
+    eval_batch_size: int,
+    num_threads: int,
+    reference: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize each of ``units`` alone (every other name of ``names`` excluded) and score it (a
     Ray task body). A unit that raises gets NaN scores and its ``error``. ``reference``:
     :func:`list_layers`'s, so that the FP32 model is not evaluated again here."""
-    field = get_backend(backend).exclusion_field
+    field = _exclusion_field(backend)
     scored = []
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
         baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
@@ -122,8 +149,7 @@ def score_layers(
                 metric, error = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size)
                 scored.append({"layer": unit["name"], "metric": metric, "output_error": error, "error": None})
             except Exception as exc:  # one unit that cannot be scored never ends the ranking
-                scored.append({"layer": unit["name"], "metric": math.nan, "output_error": math.nan,
-                               "error": describe_error(exc)})
+                scored.append(
+                    {"layer": unit["name"], "metric": math.nan, "output_error": math.nan, "error": describe_error(exc)}
+                )
     return scored
-
-

@@ -17,7 +17,9 @@ is cached per (task file, backend, config).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -42,6 +44,7 @@ from sweeper.spec import TaskRef
 if TYPE_CHECKING:
     import pandas as pd
 
+    from sweeper.location import StudyPath
     from sweeper.space import Space
 
 COLUMNS = ["task", "backend", "params_json", "layer", "module", "op_type", "members", "metric_fp32", "metric",
@@ -52,9 +55,12 @@ LAYOUT = 2
 
 def cache_path(task_ref: TaskRef, backend: str, params: dict[str, Any]) -> Path:
     """Where the table for this (task file, backend, config) is cached."""
-    task_hash = hashlib.sha256(Path(task_ref.path).read_bytes()).hexdigest() if Path(task_ref.path).is_file() else task_ref.path
-    key = cache_key(task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__,
-                    layout=LAYOUT)
+    task_hash = (
+        hashlib.sha256(Path(task_ref.path).read_bytes()).hexdigest() if Path(task_ref.path).is_file() else task_ref.path
+    )
+    key = cache_key(
+        task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__, layout=LAYOUT
+    )
     return cache_dir("sensitivity") / f"{task_ref.name}-{backend}-{key}.parquet"
 
 
@@ -89,8 +95,15 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.unlink(tmp)
 
 
-def _listing(task_ref: TaskRef, backend: str, params: dict[str, Any], parts: Path, ray_options: dict[str, Any],
-             eval_batch_size: int, num_threads: int) -> dict[str, Any]:
+def _listing(
+    task_ref: TaskRef,
+    backend: str,
+    params: dict[str, Any],
+    parts: Path,
+    ray_options: dict[str, Any],
+    eval_batch_size: int,
+    num_threads: int,
+) -> dict[str, Any]:
     """The units and full-model figures: read back from ``parts`` or listed by a Ray task (and saved there)."""
     import ray
 
@@ -107,8 +120,14 @@ def _listing(task_ref: TaskRef, backend: str, params: dict[str, Any], parts: Pat
             f"layer sensitivity of task '{task_ref.name}' for backend '{backend}' could not list the "
             f"model's layers: {describe_error(cause)}"
         ) from None
-    _write_atomically(reference, lambda tmp: tmp.write_bytes(_npz(info["reference"])))
-    _write_atomically(saved, lambda tmp: tmp.write_text(json.dumps({k: v for k, v in info.items() if k != "reference"})))
+    def write_reference(tmp: Path) -> None:
+        tmp.write_bytes(_npz(info["reference"]))
+
+    def write_listing(tmp: Path) -> None:
+        tmp.write_text(json.dumps({k: v for k, v in info.items() if k != "reference"}))
+
+    _write_atomically(reference, write_reference)
+    _write_atomically(saved, write_listing)
     return info
 
 
@@ -116,7 +135,8 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    savez: Any = np.savez  # numpy's stubs do not type arrays passed by keyword
+    savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -157,14 +177,29 @@ def run_sensitivity(
         return accuracy_drop(info["metric_fp32"], metric, higher_is_better=info["higher_is_better"])
 
     def rows(scored: list[dict[str, Any]]) -> pd.DataFrame:
-        return pd.DataFrame([{
-            "task": task_ref.name, "backend": backend, "params_json": json.dumps(params, sort_keys=True, default=list),
-            "layer": r["layer"], "module": units[r["layer"]]["module"], "op_type": units[r["layer"]]["op_type"],
-            "members": list(units[r["layer"]]["members"]), "metric_fp32": info["metric_fp32"],
-            "metric": r["metric"], "metric_drop": drop(r["metric"]), "output_error": r["output_error"],
-            "sqnr_db": sqnr_db(r["output_error"]), "error": r["error"],
-            "full_metric_drop": drop(info["full_metric"]), "full_output_error": info["full_error"],
-        } for r in scored], columns=[c for c in COLUMNS if c != "rank"])
+        return pd.DataFrame(
+            [
+                {
+                    "task": task_ref.name,
+                    "backend": backend,
+                    "params_json": json.dumps(params, sort_keys=True, default=list),
+                    "layer": r["layer"],
+                    "module": units[r["layer"]]["module"],
+                    "op_type": units[r["layer"]]["op_type"],
+                    "members": list(units[r["layer"]]["members"]),
+                    "metric_fp32": info["metric_fp32"],
+                    "metric": r["metric"],
+                    "metric_drop": drop(r["metric"]),
+                    "output_error": r["output_error"],
+                    "sqnr_db": sqnr_db(r["output_error"]),
+                    "error": r["error"],
+                    "full_metric_drop": drop(info["full_metric"]),
+                    "full_output_error": info["full_error"],
+                }
+                for r in scored
+            ],
+            columns=[c for c in COLUMNS if c != "rank"],
+        )
 
     earlier = read_parts(parts)
     done = set() if earlier is None else set(earlier["layer"]) & set(units)
@@ -187,12 +222,19 @@ def run_sensitivity(
             try:
                 scored = ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # the worker or its node died, even after retries
-                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception) else exc
-                scored = [{"layer": u["name"], "metric": math.nan, "output_error": math.nan,
-                           "error": describe_error(cause)} for u in chunk]
+                cause = (
+                    exc.cause
+                    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception)
+                    else exc
+                )
+                scored = [
+                    {"layer": u["name"], "metric": math.nan, "output_error": math.nan, "error": describe_error(cause)}
+                    for u in chunk
+                ]
             part = rows(scored)
-            _write_atomically(parts / f"part-{order[chunk[0]['name']]:05d}.parquet",
-                              lambda tmp, part=part: part.to_parquet(tmp, index=False))
+            _write_atomically(
+                parts / f"part-{order[chunk[0]['name']]:05d}.parquet", functools.partial(part.to_parquet, index=False)
+            )
             done.update(r["layer"] for r in scored)
             if on_progress:
                 on_progress(len(done), len(units))
@@ -211,8 +253,9 @@ def rank_table(table: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:
     by output error, then metric drop, then model order."""
     order = {name: i for i, name in enumerate(model_order)}
     table = table.assign(_failed=table["error"].notna(), _order=table["layer"].map(order))
-    table = table.sort_values(["_failed", "output_error", "metric_drop", "_order"],
-                              ascending=[False, False, False, True], na_position="last")
+    table = table.sort_values(
+        ["_failed", "output_error", "metric_drop", "_order"], ascending=[False, False, False, True], na_position="last"
+    )
     table = table.drop(columns=["_failed", "_order"]).reset_index(drop=True)
     table.insert(table.columns.get_loc("full_metric_drop"), "rank", range(1, len(table) + 1))
     return table
@@ -263,7 +306,7 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
 
 def study_rankings(
-    space: Space, task_ref: TaskRef, study_dir: Path, base_params: dict[str, dict[str, Any]], emit: Any
+    space: Space, task_ref: TaskRef, study_dir: StudyPath, base_params: dict[str, dict[str, Any]], emit: Any
 ) -> dict[str, list[str]]:
     """The sensitivity ranking of every backend that searches exclusion, for one study.
 
@@ -280,9 +323,9 @@ def study_rankings(
 
     if not space.exclusions:
         return {}
-    path = study_dir / "sensitivity.parquet"
+    path = study_dir / SENSITIVITY_FILE
     if path.is_file():
-        table = pd.read_parquet(path)
+        table = pd.read_parquet(io.BytesIO(path.read_bytes()))
         rankings = {b: ranking(table[table["backend"] == b]) for b in space.exclusions}
         for backend, search in space.exclusions.items():
             check_against_ranking(space.path, backend, search, rankings[backend])
@@ -292,15 +335,23 @@ def study_rankings(
         target = space.target_of(backend)
         params = {k: v for k, v in base_params[backend].items() if k != get_backend(backend).exclusion_field}
         table = run_sensitivity(
-            task_ref, backend, params,
-            ray_options=target.ray_options(), num_threads=target.num_cpus,
+            task_ref,
+            backend,
+            params,
+            ray_options=target.ray_options(),
+            num_threads=target.num_cpus,
             eval_batch_size=space.measure.eval_batch_size,
-            on_progress=lambda done, total, b=backend: emit("sensitivity", {"backend": b, "done": done, "total": total}),
+            on_progress=functools.partial(_report_progress, emit, backend),
         )
         check_against_ranking(space.path, backend, search, ranking(table))
         tables.append(table)
     combined = pd.concat(tables, ignore_index=True)
-    tmp = path.with_suffix(".tmp")
-    combined.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    if isinstance(path, Path):
+        _write_atomically(path, functools.partial(combined.to_parquet, index=False))
+    else:  # an object store writes a whole object or nothing
+        path.write_bytes(combined.to_parquet(index=False))
     return {b: ranking(combined[combined["backend"] == b]) for b in space.exclusions}
+
+
+def _report_progress(emit: Any, backend: str, done: int, total: int) -> None:
+    emit("sensitivity", {"backend": backend, "done": done, "total": total})

@@ -286,7 +286,8 @@ def _pick_target(path: Path, backend: str, wanted: Any, targets: dict[str, Hardw
     if wanted is not None:
         if wanted not in targets:
             raise ConfigError(
-                f"{path}: key 'backends.{backend}.target': unknown target {wanted!r}.{did_you_mean(str(wanted), targets)} "
+                f"{path}: key 'backends.{backend}.target': unknown target {wanted!r}."
+                f"{did_you_mean(str(wanted), targets)} "
                 f"Targets: {', '.join(targets)}"
             )
         if targets[wanted].kind not in hardware:
@@ -316,7 +317,11 @@ def _explain(path: Path, exc: ValidationError, model: type[BaseModel] | None = N
             msg = f"unknown key.{did_you_mean(str(err['loc'][-1]), allowed)} Allowed keys: {', '.join(allowed)}"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{path}: key '{key}': {msg} (got {err.get('input')!r})" if err["type"] not in ("missing", "extra_forbidden") else f"{path}: key '{key}': {msg}")
+        lines.append(
+            f"{path}: key '{key}': {msg} (got {err.get('input')!r})"
+            if err["type"] not in ("missing", "extra_forbidden")
+            else f"{path}: key '{key}': {msg}"
+        )
     return "; ".join(lines)
 
 

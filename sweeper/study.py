@@ -190,7 +190,9 @@ class _Context:
         from optuna.trial import TrialState
 
         if result.artifact_files is not None and result.artifact_name is not None:
-            path = study_folder.write_artifact(self.study_dir, spec.trial_number, result.artifact_name, result.artifact_files)
+            path = study_folder.write_artifact(
+                self.study_dir, spec.trial_number, result.artifact_name, result.artifact_files
+            )
             result = dataclasses.replace(result, artifact_files=None, artifact_path=path)
         row = make_row(self.space, spec, result, self.info["baseline"])
         results.write_row(self.study_dir, row)
@@ -207,8 +209,12 @@ class _Context:
         """Record a trial that was cancelled before it finished and queue it to be asked again."""
         from optuna.trial import TrialState
 
-        row = make_row(self.space, spec, failed_result(f"{INTERRUPTED} {why}; it is asked again on --resume"),
-                       self.info["baseline"])
+        row = make_row(
+            self.space,
+            spec,
+            failed_result(f"{INTERRUPTED} {why}; it is asked again on --resume"),
+            self.info["baseline"],
+        )
         results.write_row(self.study_dir, row)
         study.tell(trial, state=TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), skip_if_exists=False)
@@ -301,7 +307,6 @@ def _study_info(study_dir: StudyPath, space: Space, task_ref: TaskRef, options: 
         return existing
     import ray
 
-
     target = space.targets[space.backend_targets[next(iter(space.backends))]]
     remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
     measure = space.measure
@@ -355,7 +360,9 @@ def _check_against_task(space: Space, info: dict[str, Any]) -> None:
         param = params.get("calibration_samples")
         if param is None:
             continue
-        largest = param.value if isinstance(param, Fixed) else param.high if isinstance(param, Range) else max(param.values)
+        largest = (
+            param.value if isinstance(param, Fixed) else param.high if isinstance(param, Range) else max(param.values)
+        )
         if largest > limit:
             raise ConfigError(
                 f"{space.path}: key 'backends.{backend}.calibration_samples': asks for up to {largest} "

@@ -20,7 +20,7 @@ from sweeper.backends import get_backend
 from sweeper.backends.torch.eager import TorchCandidate
 from sweeper.location import is_uri, location
 from sweeper.measure import accuracy_drop, agreement_pct, max_abs_error, time_interleaved
-from sweeper.spec import TrialResult, TrialSpec
+from sweeper.spec import Outcome, TrialResult, TrialSpec
 from sweeper.worker import Baseline, build_context, environment, prepare_baseline, set_threads
 
 
@@ -56,7 +56,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     return TrialResult(state=state, started_at=started, finished_at=time.time(), **measured)
 
 
-def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> str:
+def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> Outcome:
     """Build, evaluate (cheap-first when asked) and time the candidate; return the trial's state."""
     baseline = prepare_baseline(spec.task, spec.measure.eval_batch_size)
     task = baseline.task
@@ -118,7 +118,9 @@ def ship_artifact(artifact: Path, destination: str) -> dict[str, Any]:
     return {"artifact_path": str(target / artifact.name)}
 
 
-def _evaluate_cheap_first(candidate: Any, baseline: Baseline, spec: TrialSpec, measured: dict[str, Any]) -> np.ndarray | None:
+def _evaluate_cheap_first(
+    candidate: Any, baseline: Baseline, spec: TrialSpec, measured: dict[str, Any]
+) -> np.ndarray | None:
     """Evaluate on the whole split; with early stopping, score the first share before the rest.
 
     Returns ``None`` (and records the subset's figures) when the subset's drop already exceeds
@@ -137,9 +139,8 @@ def _evaluate_cheap_first(candidate: Any, baseline: Baseline, spec: TrialSpec, m
             cand = task.metric(subset, labels[:n_subset])
             fp32 = task.metric(baseline.outputs[:n_subset], labels[:n_subset])
             measured |= {"subset_accuracy": cand, "subset_accuracy_fp32": fp32, "subset_samples": n_subset}
-            if accuracy_drop(fp32, cand, higher_is_better=task.higher_is_better) > spec.prune_above_drop:
+            limit = spec.prune_above_drop if spec.prune_above_drop is not None else float("inf")
+            if accuracy_drop(fp32, cand, higher_is_better=task.higher_is_better) > limit:
                 return None
             n_subset = None
     return np.concatenate(outputs)
-
-

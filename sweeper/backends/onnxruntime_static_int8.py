@@ -183,7 +183,11 @@ def quantize_static_int8(ctx: BuildContext, config: OnnxRuntimeStaticInt8Config)
         _run_quantize_static(ctx, quantizer_input(fp32, ctx.workdir), output, ranges, excluded, config)
     finally:  # the ranges are good even when quantizing then failed: keep them for the next build
         if ranges != cached_ranges and ranges.is_file():
-            cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
+
+            def copy_ranges(tmp: Path) -> None:
+                shutil.copyfile(ranges, tmp)
+
+            cached_file(cached_ranges, copy_ranges)
     return output
 
 

@@ -279,7 +279,11 @@ def check_export(ctx: BuildContext, path: Path, settings: OnnxExportConfig) -> N
     report_path = path.with_name(f"{path.stem}.validation.json")
     if not report_path.is_file():
         report = measure_export_error(ctx, path, settings)
-        cached_file(report_path, lambda tmp: tmp.write_text(json.dumps(report)))
+
+        def write_report(tmp: Path) -> None:
+            tmp.write_text(json.dumps(report))
+
+        cached_file(report_path, write_report)
     report = json.loads(report_path.read_text())
     error, scale = float(report["max_abs_error"]), float(report["output_scale"])
     tolerance = settings.validate_atol * max(1.0, scale)

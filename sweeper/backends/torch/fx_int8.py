@@ -34,7 +34,7 @@ from sweeper.task import Task
 
 if TYPE_CHECKING:
     import torch
-    from torch.ao.quantization import QConfig
+    from torch.ao.quantization import QConfig, QConfigMapping
 
 Engine = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 # Layer types FX static quantization turns into int8 modules with every engine here.
@@ -193,7 +193,7 @@ def weight_observer(per_channel: bool, *, fake_quant: bool = False) -> object:
     return observer.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
 
 
-def qconfig_mapping(qconfig: QConfig, excluded_layers: tuple[str, ...]) -> object:
+def qconfig_mapping(qconfig: QConfig, excluded_layers: tuple[str, ...]) -> QConfigMapping:
     """A ``QConfigMapping``: ``qconfig`` everywhere but the excluded layers, which get ``None``."""
     from torch.ao.quantization import QConfigMapping
 
