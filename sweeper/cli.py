@@ -184,15 +184,15 @@ def show(
     for folder, df in studies:
         settings = study_settings(folder)
         if several:
-            console.rule(Text(f"study {settings['study']} (task {settings['task'] or '?'})"), align="left")
+            console.rule(Text(f"study {settings.study} (task {settings.task or '?'})"), align="left")
         if df.empty:
             console.print(Text(f"{folder}: no trial rows yet"))
             all_feasible = False
             continue
-        ranked_by = objective or settings["objective"]
+        ranked_by = objective or settings.objective
         if ranked_by not in df.columns:
             ranked_by = "latency_ms_p50"
-        maximise = maximised(ranked_by, metric_higher_is_better=settings["baseline"].get("higher_is_better", True))
+        maximise = maximised(ranked_by, metric_higher_is_better=settings.baseline.higher_is_better if settings.baseline else True)
         all_feasible &= _print_summary(df, ranked_by, maximise=maximise, show_study=several)
     if not all_feasible:
         raise typer.Exit(NOTHING_FEASIBLE)

@@ -107,7 +107,7 @@ def export_trial(
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise SweeperInputError(f"'{to}' already exists and is not an empty folder; choose a new --to")
     settings = analysis.study_settings(study_dir)
-    row = choose_trial(results.load(study_dir), trial=trial, best=best, objective=settings["objective"])
+    row = choose_trial(results.load(study_dir), trial=trial, best=best, objective=settings.objective)
     source = artifact_of(study_dir, row)
     to.mkdir(parents=True, exist_ok=True)
     target = to / source.name
@@ -115,13 +115,13 @@ def export_trial(
         shutil.copytree(source, target)
     else:
         shutil.copy2(source, target)
-    space = settings["space"]
+    space = settings.space
     config = {
         "sweeper_export": EXPORT_FORMAT,
         "study": row["study"],
         "trial_number": int(row["trial_number"]),
         "task": row["task"],
-        "task_path": settings["task_path"],
+        "task_path": settings.task_path,
         "backend": row["backend"],
         "params": json.loads(row["params_json"] or "{}"),
         "artifact": target.name,

@@ -17,6 +17,7 @@ is cached per (task file, backend, config).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -25,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,7 +162,6 @@ def run_sensitivity(
         SensitivityError: when the layers cannot be listed (the task or its export fails).
     """
     import pandas as pd
-    import ray
 
     cached = cache_path(task_ref, backend, params)
     if cached.is_file():
@@ -172,80 +172,99 @@ def run_sensitivity(
     parts = parts_dir(cached)
     info = _listing(task_ref, backend, params, parts, ray_options, eval_batch_size, num_threads)
     units = {u["name"]: u for u in info["units"]}
-
-    def drop(metric: float) -> float:
-        return accuracy_drop(info["metric_fp32"], metric, higher_is_better=info["higher_is_better"])
-
-    def rows(scored: list[dict[str, Any]]) -> pd.DataFrame:
-        return pd.DataFrame(
-            [
-                {
-                    "task": task_ref.name,
-                    "backend": backend,
-                    "params_json": json.dumps(params, sort_keys=True, default=list),
-                    "layer": r["layer"],
-                    "module": units[r["layer"]]["module"],
-                    "op_type": units[r["layer"]]["op_type"],
-                    "members": list(units[r["layer"]]["members"]),
-                    "metric_fp32": info["metric_fp32"],
-                    "metric": r["metric"],
-                    "metric_drop": drop(r["metric"]),
-                    "output_error": r["output_error"],
-                    "sqnr_db": sqnr_db(r["output_error"]),
-                    "error": r["error"],
-                    "full_metric_drop": drop(info["full_metric"]),
-                    "full_output_error": info["full_error"],
-                }
-                for r in scored
-            ],
-            columns=[c for c in COLUMNS if c != "rank"],
-        )
-
+    table_of = functools.partial(_rows, task_ref, backend, params, info)
     earlier = read_parts(parts)
     done = set() if earlier is None else set(earlier["layer"]) & set(units)
-    todo = [u for name, u in units.items() if name not in done]
     if on_progress:
         on_progress(len(done), len(units))
-    score = ray.remote(score_layers).options(**ray_options, max_retries=2)
+    todo = [u for name, u in units.items() if name not in done]
+    order = {name: i for i, name in enumerate(units)}
+    chunks = _scored_chunks(task_ref, backend, params, todo, info, ray_options, chunk_size, eval_batch_size,
+                            num_threads)  # fmt: skip
+    with contextlib.closing(chunks):  # stopping early cancels the chunks still running
+        for scored in chunks:
+            part = table_of(scored)
+            first = min(order[r["layer"]] for r in scored)
+            _write_atomically(parts / f"part-{first:05d}.parquet", functools.partial(part.to_parquet, index=False))
+            done.update(r["layer"] for r in scored)
+            if on_progress:
+                on_progress(len(done), len(units))
+    table = rank_table(read_parts(parts) if units else table_of([]), list(units))
+    _write_atomically(cached, lambda tmp: table.to_parquet(tmp, index=False))
+    shutil.rmtree(parts, ignore_errors=True)
+    return table
+
+
+def _scored_chunks(
+    task_ref: TaskRef, backend: str, params: dict[str, Any], todo: list[dict[str, Any]], info: dict[str, Any],
+    ray_options: dict[str, Any], chunk_size: int, eval_batch_size: int, num_threads: int,
+) -> Generator[list[dict[str, Any]], None, None]:
+    """Score ``todo`` in Ray tasks of ``chunk_size`` units; yield each chunk's scores as it arrives
+    (a chunk whose task died, even after retries, as NaN scores with the error)."""
+    import ray
+
+    remote = ray.remote(score_layers).options(**ray_options, max_retries=2)
     reference = ray.put(info["reference"]) if todo else None  # sent once, not once per chunk
     chunks = {}
     for i in range(0, len(todo), chunk_size):
         chunk = todo[i : i + chunk_size]
-        ref = score.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads, reference)
+        ref = remote.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads, reference)
         chunks[ref] = chunk
     pending = list(chunks)
-    order = {name: i for i, name in enumerate(units)}
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            chunk = chunks[ready[0]]
             try:
-                scored = ray.get(ready[0])
+                yield ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # the worker or its node died, even after retries
-                cause = (
-                    exc.cause
-                    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception)
-                    else exc
-                )
-                scored = [
-                    {"layer": u["name"], "metric": math.nan, "output_error": math.nan, "error": describe_error(cause)}
-                    for u in chunk
+                cause: BaseException = exc
+                if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
+                    cause = exc.cause
+                error = describe_error(cause)
+                yield [
+                    {"layer": u["name"], "metric": math.nan, "output_error": math.nan, "error": error}
+                    for u in chunks[ready[0]]
                 ]
-            part = rows(scored)
-            _write_atomically(
-                parts / f"part-{order[chunk[0]['name']]:05d}.parquet", functools.partial(part.to_parquet, index=False)
-            )
-            done.update(r["layer"] for r in scored)
-            if on_progress:
-                on_progress(len(done), len(units))
     except BaseException:
         for ref in pending:
             ray.cancel(ref)
         raise
-    table = rank_table(read_parts(parts) if units else rows([]), list(units))
-    _write_atomically(cached, lambda tmp: table.to_parquet(tmp, index=False))
-    shutil.rmtree(parts, ignore_errors=True)
-    return table
+
+
+def _rows(
+    task_ref: TaskRef, backend: str, params: dict[str, Any], info: dict[str, Any], scored: list[dict[str, Any]]
+) -> pd.DataFrame:
+    """The table rows of ``scored`` units (``info``: what :func:`list_layers` returned)."""
+    import pandas as pd
+
+    units = {u["name"]: u for u in info["units"]}
+
+    def drop(metric: float) -> float:
+        return accuracy_drop(info["metric_fp32"], metric, higher_is_better=info["higher_is_better"])
+
+    return pd.DataFrame(
+        [
+            {
+                "task": task_ref.name,
+                "backend": backend,
+                "params_json": json.dumps(params, sort_keys=True, default=list),
+                "layer": r["layer"],
+                "module": units[r["layer"]]["module"],
+                "op_type": units[r["layer"]]["op_type"],
+                "members": list(units[r["layer"]]["members"]),
+                "metric_fp32": info["metric_fp32"],
+                "metric": r["metric"],
+                "metric_drop": drop(r["metric"]),
+                "output_error": r["output_error"],
+                "sqnr_db": sqnr_db(r["output_error"]),
+                "error": r["error"],
+                "full_metric_drop": drop(info["full_metric"]),
+                "full_output_error": info["full_error"],
+            }
+            for r in scored
+        ],
+        columns=[c for c in COLUMNS if c != "rank"],
+    )
 
 
 def rank_table(table: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:

@@ -1,10 +1,13 @@
 """What crosses the Ray boundary: plain frozen dataclasses, nothing Optuna-typed.
 
-The driver sends a :class:`TrialSpec` to a Ray task; the task returns a :class:`TrialResult`.
+The driver sends a :class:`TrialSpec` to a Ray task; the task returns a :class:`TrialResult`. The
+study's FP32 figures (:class:`FP32Baseline`, measured once in a Ray task) and what ``study.json``
+holds (:class:`StudyInfo`) are typed here too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -133,3 +136,55 @@ def failed_result(error: str) -> TrialResult:
     """A failed result for a trial that never produced one of its own."""
     now = time.time()
     return TrialResult(state="failed", started_at=now, finished_at=now, error=error)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP32Baseline:
+    """What a study measures once of the FP32 model (``study.json``'s ``baseline``): its metric
+    (name, direction), the state dict's size, the task's calibration and evaluation sizes, and the
+    node it was measured on. Only ``metric`` is required, so hand-written study files load too."""
+
+    metric: float
+    metric_name: str = ""
+    higher_is_better: bool = True
+    size_bytes: int | None = None
+    calibration_size: int | None = None
+    eval_samples: int | None = None
+    environment: Environment | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FP32Baseline:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("environment"), dict):
+            values["environment"] = Environment(**values["environment"])
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyInfo:
+    """What ``study.json`` holds: the study, its task, the space file (path and text) and the FP32
+    baseline. :meth:`to_json` writes the file's format, which :meth:`from_json` reads back."""
+
+    study: str
+    task: str | None = None
+    task_path: str | None = None
+    space_path: str | None = None
+    space: str = ""
+    baseline: FP32Baseline | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, default_study: str = "") -> StudyInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("study", default_study)
+        if isinstance(values.get("baseline"), dict):
+            values["baseline"] = FP32Baseline.from_json(values["baseline"]) if "metric" in values["baseline"] else None
+        return cls(**values)

@@ -21,7 +21,7 @@ import numpy as np
 from sweeper.backends import BuildContext, get_backend
 from sweeper.backends.torch.eager import TorchCandidate
 from sweeper.cache import cache_dir
-from sweeper.spec import VERSIONED_PACKAGES, Environment, MeasureSettings, TaskRef
+from sweeper.spec import VERSIONED_PACKAGES, Environment, FP32Baseline, MeasureSettings, TaskRef
 from sweeper.task import Task, load_task
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def baseline_summary(
     measure: MeasureSettings,
     num_threads: int,
     preflight: list[tuple[str, dict[str, Any]]] | tuple[()] = (),
-) -> dict[str, Any]:
+) -> FP32Baseline:
     """The FP32 figures a study needs once, after the backends' preflight checks.
 
     Returns the FP32 metric, its direction and the state dict's size. ``preflight`` lists
@@ -98,15 +98,15 @@ def baseline_summary(
         ctx = build_context(baseline.model, baseline.task, Path(workdir), num_threads)
         for backend, params in preflight:
             get_backend(backend).preflight(ctx, get_backend(backend).config(params))
-    return {
-        "metric": baseline.metric,
-        "metric_name": baseline.task.metric_name,
-        "higher_is_better": baseline.task.higher_is_better,
-        "size_bytes": baseline.size_bytes,
-        "calibration_size": baseline.task.calibration_size,
-        "eval_samples": int(baseline.labels.shape[0]),
-        "environment": environment(),
-    }
+    return FP32Baseline(
+        metric=baseline.metric,
+        metric_name=baseline.task.metric_name,
+        higher_is_better=baseline.task.higher_is_better,
+        size_bytes=baseline.size_bytes,
+        calibration_size=baseline.task.calibration_size,
+        eval_samples=int(baseline.labels.shape[0]),
+        environment=environment(),
+    )
 
 
 def set_threads(num_threads: int) -> None:
