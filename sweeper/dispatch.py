@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sweeper.space import Space
 from sweeper.spec import TrialResult, TrialSpec, failed_result
 from sweeper.trial import run_trial_with_ledger
-
-if TYPE_CHECKING:
-    from sweeper.space import Space
 
 # Ray retries a trial whose worker process or node died this many times before it is failed.
 SYSTEM_RETRIES = 2

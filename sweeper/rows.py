@@ -5,16 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sweeper.backends import get_backend
 from sweeper.errors import ConfigError
 from sweeper.measure import accuracy_drop
 from sweeper.results import COLUMN_NAMES
+from sweeper.space import Space
 from sweeper.spec import VERSIONED_PACKAGES, Environment, FP32Baseline, LatencyStats, TrialResult, TrialSpec
-
-if TYPE_CHECKING:
-    from sweeper.space import Space
 
 # Error text of trials a stopped driver left running. They are asked again on resume and do not
 # count toward the study's trial budget.

@@ -37,16 +37,16 @@ from sweeper.analysis import SENSITIVITY_FILE
 from sweeper.backends import get_backend
 from sweeper.cache import cache_dir, cache_key
 from sweeper.errors import SensitivityError, SweeperInputError
+from sweeper.events import EventHandler, SensitivityProgress
 from sweeper.exclusion import check_against_ranking
+from sweeper.location import StudyPath
 from sweeper.measure import accuracy_drop
 from sweeper.scoring import describe_error, list_layers, score_layers, sqnr_db
+from sweeper.space import Space
 from sweeper.spec import TaskRef
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from sweeper.location import StudyPath
-    from sweeper.space import Space
 
 COLUMNS = ["task", "backend", "params_json", "layer", "module", "op_type", "members", "metric_fp32", "metric",
            "metric_drop", "output_error", "sqnr_db", "error", "rank", "full_metric_drop", "full_output_error"]
@@ -325,7 +325,7 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
 
 def study_rankings(
-    space: Space, task_ref: TaskRef, study_dir: StudyPath, base_params: dict[str, dict[str, Any]], emit: Any
+    space: Space, task_ref: TaskRef, study_dir: StudyPath, base_params: dict[str, dict[str, Any]], emit: EventHandler
 ) -> dict[str, list[str]]:
     """The sensitivity ranking of every backend that searches exclusion, for one study.
 
@@ -372,5 +372,5 @@ def study_rankings(
     return {b: ranking(combined[combined["backend"] == b]) for b in space.exclusions}
 
 
-def _report_progress(emit: Any, backend: str, done: int, total: int) -> None:
-    emit("sensitivity", {"backend": backend, "done": done, "total": total})
+def _report_progress(emit: EventHandler, backend: str, done: int, total: int) -> None:
+    emit(SensitivityProgress(backend=backend, done=done, total=total))

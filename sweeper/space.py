@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -41,9 +41,7 @@ from sweeper.errors import ConfigError, did_you_mean
 from sweeper.exclusion import ExclusionSearch, parse_exclusion
 from sweeper.params import Param, parse_backend_params
 from sweeper.spec import MeasureSettings
-
-if TYPE_CHECKING:
-    from sweeper.task import Task
+from sweeper.task import Task
 
 Objective = Literal["latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "size_bytes"]
 
@@ -121,6 +119,8 @@ class EarlyStop(_Strict):
 
 
 class SpaceFile(_Strict):
+    """A search-space file as written, validated key by key (:class:`Space` wraps it)."""
+
     task: str
     study: str | None = None
     trials: int = Field(default=20, ge=1)
@@ -140,23 +140,55 @@ class SpaceFile(_Strict):
 
 @dataclass(frozen=True)
 class Space:
-    """A validated search space."""
+    """A validated search space: the file's model (:class:`SpaceFile`), and what is worked out from
+    it against the backends: the targets, each backend's parameters, target and exclusion search."""
 
     path: Path
-    task: str
-    study: str
-    trials: int
-    max_concurrent: int | None
-    seed: int | None
-    objective: Objective
-    constraint: Constraint
+    file: SpaceFile
     targets: dict[str, HardwareTarget]
-    trial_timeout_s: float | None
-    measure: MeasureSettings
     backends: dict[str, dict[str, Param]]
     backend_targets: dict[str, str]
     exclusions: dict[str, ExclusionSearch]
-    early_stop: EarlyStop | None
+
+    @property
+    def task(self) -> str:
+        return self.file.task
+
+    @property
+    def study(self) -> str:
+        return self.file.study or self.path.stem
+
+    @property
+    def trials(self) -> int:
+        return self.file.trials
+
+    @property
+    def max_concurrent(self) -> int | None:
+        return self.file.max_concurrent
+
+    @property
+    def seed(self) -> int | None:
+        return self.file.seed
+
+    @property
+    def objective(self) -> Objective:
+        return self.file.objective
+
+    @property
+    def constraint(self) -> Constraint:
+        return self.file.constraint
+
+    @property
+    def trial_timeout_s(self) -> float | None:
+        return self.file.trial_timeout_s
+
+    @property
+    def measure(self) -> MeasureSettings:
+        return self.file.measure
+
+    @property
+    def early_stop(self) -> EarlyStop | None:
+        return self.file.early_stop
 
     def target_of(self, backend: str) -> HardwareTarget:
         """The target the backend's trials run on."""
@@ -187,18 +219,18 @@ def load_space(path: str | Path) -> Space:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys such as task, constraint, backends")
     try:
-        spec = SpaceFile.model_validate(raw)
+        file = SpaceFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(path, exc, SpaceFile)) from None
-    if spec.hardware is not None and spec.targets is not None:
+    if file.hardware is not None and file.targets is not None:
         raise ConfigError(f"{path}: give either 'hardware' (one target) or 'targets' (several), not both")
-    targets = spec.targets if spec.targets is not None else {"default": spec.hardware or HardwareTarget()}
+    targets = file.targets if file.targets is not None else {"default": file.hardware or HardwareTarget()}
     if not targets:
         raise ConfigError(f"{path}: key 'targets' must name at least one target")
     backends: dict[str, dict[str, Param]] = {}
     backend_targets: dict[str, str] = {}
     exclusions: dict[str, ExclusionSearch] = {}
-    for name, raw_params in spec.backends.items():
+    for name, raw_params in file.backends.items():
         params = dict(raw_params or {})
         wanted = params.pop("target", None)
         if "exclude" in params:
@@ -207,20 +239,11 @@ def load_space(path: str | Path) -> Space:
         backend_targets[name] = _pick_target(path, name, wanted, targets)
     return Space(
         path=path,
-        task=spec.task,
-        study=spec.study or path.stem,
-        trials=spec.trials,
-        max_concurrent=spec.max_concurrent,
-        seed=spec.seed,
-        objective=spec.objective,
-        constraint=spec.constraint,
+        file=file,
         targets=dict(targets),
-        trial_timeout_s=spec.trial_timeout_s,
-        measure=spec.measure,
         backends=backends,
         backend_targets=backend_targets,
         exclusions=exclusions,
-        early_stop=spec.early_stop,
     )
 
 

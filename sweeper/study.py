@@ -10,7 +10,6 @@ import dataclasses
 import signal
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from sweeper.backends import get_backend
 from sweeper.cluster import cluster_cpus, connect, worker_launch
 from sweeper.dispatch import Dispatcher
 from sweeper.errors import ConfigError, SweeperInputError, TaskError
+from sweeper.events import EventHandler, SweepStarted, TrialFinished, TrialRecovered, TrialStarted, ignore
 from sweeper.exclusion import warm_start_ladder
 from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
@@ -31,8 +31,6 @@ from sweeper.space import Space
 from sweeper.spec import FP32Baseline, StudyInfo, TaskRef, TrialResult, TrialSpec, failed_result
 from sweeper.task import check_task_file, find_task_file, task_search_dirs
 from sweeper.worker import baseline_summary
-
-EventHandler = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +63,7 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     Raises:
         SweeperInputError: for bad input, before any trial starts and leaving nothing behind.
     """
-    emit = on_event or (lambda kind, data: None)
+    emit = on_event or ignore
     started = time.time()
     study_name = options.study or space.study
     task_name = options.task or space.task
@@ -124,8 +122,8 @@ def _sweep(
     max_concurrent = options.max_concurrent or space.max_concurrent
     if max_concurrent is None:
         max_concurrent = max(1, cluster_cpus() // min(t.num_cpus for t in space.targets.values()))
-    emit("start", {"study": study_name, "study_dir": str(study_dir), "trials": remaining, "done": done,
-                   "max_concurrent": max_concurrent, "accuracy_fp32": baseline.metric})
+    emit(SweepStarted(study=study_name, study_dir=str(study_dir), trials=remaining, done=done,
+                      max_concurrent=max_concurrent, accuracy_fp32=baseline.metric))
     written = _loop(study, run, remaining, max_concurrent, stop)
     return SweepSummary(study_dir=study_dir, rows_written=written, wall_time_s=time.time() - started)
 
@@ -214,7 +212,7 @@ class _RunningStudy:
         results.write_row(self.study_dir, row)
         self.tell(study, trial, row)
         study_folder.mirror_journal(self.study_dir, self.storage_url)
-        self.emit("finished", row)
+        self.emit(TrialFinished(row=row))
         return row
 
     def interrupt(self, study: Any, trial: Any, spec: TrialSpec, why: str) -> None:
@@ -231,7 +229,7 @@ class _RunningStudy:
         study.tell(trial, state=TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), skip_if_exists=False)
         study_folder.mirror_journal(self.study_dir, self.storage_url)
-        self.emit("recovered", row)
+        self.emit(TrialRecovered(row=row))
 
 
 # How often the loop looks at the stop flag while it waits for trials.
@@ -257,7 +255,7 @@ def _loop(study: Any, run: _RunningStudy, remaining: int, max_concurrent: int, s
                     written += 1
                     continue
                 dispatcher.submit(spec, trial)
-                run.emit("started", {"trial_number": trial.number, "backend": backend, "params": params})
+                run.emit(TrialStarted(trial_number=trial.number, backend=backend, params=params))
             if not len(dispatcher):
                 continue
             for trial, spec, result in dispatcher.wait(max_wait_s=STOP_POLL_S):
@@ -305,7 +303,7 @@ def _recover_interrupted(study: Any, run: _RunningStudy) -> None:
         results.write_row(run.study_dir, row)
         study.tell(frozen.number, state=TrialState.FAIL)
         study.enqueue_trial(dict(frozen.params), skip_if_exists=False)
-        run.emit("recovered", row)
+        run.emit(TrialRecovered(row=row))
 
 
 def _study_info(
