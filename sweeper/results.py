@@ -243,5 +243,6 @@ def write_study_info(study_dir: StudyPath, info: dict[str, Any]) -> None:
 
 
 def read_study_info(study_dir: StudyPath) -> dict[str, Any] | None:
+    """``study.json`` as written (:class:`~sweeper.spec.StudyInfo` reads it into its typed form)."""
     path = study_dir / "study.json"
     return json.loads(path.read_text()) if path.is_file() else None

@@ -43,7 +43,7 @@ from sweeper.location import StudyPath
 from sweeper.measure import accuracy_drop
 from sweeper.scoring import describe_error, list_layers, score_layers, sqnr_db
 from sweeper.space import Space
-from sweeper.spec import TaskRef
+from sweeper.spec import StudyInfo, TaskRef
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -298,7 +298,7 @@ def output_path(out: Path, task: str, backend: str) -> Path:
     if out.exists() and not out.is_dir():
         raise SweeperInputError(f"--out '{out}' is a file; give a folder (a study folder adds the table to its report)")
     if results.trials_dir(out).is_dir() or (out / "study.json").is_file():
-        studied = (results.read_study_info(out) or {}).get("task")
+        studied = StudyInfo.from_json(results.read_study_info(out) or {}).task
         if studied not in (None, task):
             raise SweeperInputError(
                 f"--out '{out}' is a study of task '{studied}', not '{task}'; give --task {studied}, "
