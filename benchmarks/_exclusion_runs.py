@@ -120,21 +120,20 @@ class Builder:
     def build(self, params: dict[str, Any], cache_root: Path) -> Any:
         """Build one candidate, in a workdir of its own (the backend names its ranges file
         ``calibration.json`` in the workdir, so a reused workdir could feed it stale ranges)."""
-        from sweeper.backends import BuildContext, get_backend
+        from sweeper.backends import get_backend
+        from sweeper.worker import build_context
 
         self._count += 1
         workdir = self.scratch / f"build-{self._count:04d}"
         workdir.mkdir(parents=True)
-        ctx = BuildContext(
-            model=self.baseline.model, task=self.baseline.task, workdir=workdir,
-            cache_dir=cache_root / "models", num_threads=self.settings.threads,
-        )  # fmt: skip
+        ctx = build_context(self.baseline.model, self.baseline.task, workdir, self.settings.threads,
+                            models_cache=cache_root / "models")
         return get_backend(BACKEND).build(ctx, get_backend(BACKEND).config(params))
 
     def drop(self, candidate: Any) -> tuple[float, float]:
         """(metric, drop against the PyTorch FP32 metric) on the whole evaluation split."""
         from sweeper.measure import accuracy_drop
-        from sweeper.trial import evaluate
+        from sweeper.worker import evaluate
 
         task = self.baseline.task
         outputs, labels = evaluate(candidate.predict, task, self.settings.measure.eval_batch_size)
@@ -158,7 +157,7 @@ def greedy_revert(builder: Builder, roots: CacheRoots) -> tuple[Outcome, list[st
     """(b) Rank layers by sweeper's sensitivity, then leave the next most sensitive layer in
     float until the drop is within budget. Returns the outcome and the ranking."""
     from sweeper.measure import accuracy_drop
-    from sweeper.sensitivity import list_layers, score_layers
+    from sweeper.scoring import list_layers, score_layers
 
     s = builder.settings
     params = {k: v for k, v in s.int8_params().items() if k != "nodes_to_exclude"}

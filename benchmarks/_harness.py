@@ -70,7 +70,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from sweeper.trial import cpu_model
+    from sweeper.worker import cpu_model
 
     flags: set[str] = set()
     try:
@@ -174,9 +174,7 @@ def benchmark_model(
     info: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Every row of one model's table (the PyTorch FP32 reference first)."""
-    from sweeper.backends import BuildContext, get_backend
     from sweeper.backends.torch.eager import TorchCandidate
-    from sweeper.cache import cache_dir
     from sweeper.task import load_task
 
     t0 = time.time()
@@ -207,28 +205,10 @@ def benchmark_model(
             row = _row(study, model, method.label, method.backend, params, info, args)
             rows.append(row)
             print(f"... {model.label}: {method.label} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-            started = time.time()
-            try:
-                ctx = BuildContext(
-                    model=fp32_model, task=task, workdir=Path(tmp) / f"work-{i}", cache_dir=cache_dir("models"),
-                    num_threads=args.threads,
-                )  # fmt: skip
-                ctx.workdir.mkdir()
-                backend = get_backend(method.backend)
-                candidate = backend.build(ctx, backend.Config(**params))
-                row["build_s"] = time.time() - started
-                candidate.save(Path(tmp) / f"artifact-{i}")
-                row["size_bytes"] = candidate.size_bytes()
-                if reference:
-                    outputs, _ = evaluate(candidate.predict, task, limit)
-                    row.update(_accuracy(task, reference, outputs))
-            except Exception as exc:
-                row.update(state="failed", error=_error(exc))
-                continue
-            finally:
-                row["finished_at"] = datetime.now(UTC)
-                row["duration_s"] = time.time() - started
-            runners[len(rows) - 1] = (lambda c: lambda: c.predict(example))(candidate)
+            candidate = _build_into(row, method.backend, params, task, fp32_model, Path(tmp), i, args.threads,
+                                    reference, limit)  # fmt: skip
+            if candidate is not None:
+                runners[len(rows) - 1] = (lambda c: lambda: c.predict(example))(candidate)
         print(f"... {model.label}: timing {len(runners)} models interleaved", file=sys.stderr, flush=True)
         stats, errors = time_round_robin({str(k): fn for k, fn in runners.items()}, settings)
     _fill_latency(rows, stats, errors)
@@ -239,6 +219,35 @@ def benchmark_model(
         row["eval_samples"] = None if latency_only else len(reference["labels"])
         row["accuracy_fp32"] = reference.get("metric")
     return rows
+
+
+def _build_into(
+    row: dict[str, Any], backend_name: str, params: dict[str, Any], task: Any, fp32_model: Any, tmp: Path, i: int,
+    threads: int, reference: dict[str, Any], limit: int | None,
+) -> Any:
+    """Build, save and score one method's candidate, recording it in ``row``; ``None`` when it failed."""
+    from sweeper.backends import get_backend
+    from sweeper.worker import build_context
+
+    started = time.time()
+    try:
+        ctx = build_context(fp32_model, task, tmp / f"work-{i}", threads)
+        ctx.workdir.mkdir()
+        backend = get_backend(backend_name)
+        candidate = backend.build(ctx, backend.Config(**params))
+        row["build_s"] = time.time() - started
+        candidate.save(tmp / f"artifact-{i}")
+        row["size_bytes"] = candidate.size_bytes()
+        if reference:
+            outputs, _ = evaluate(candidate.predict, task, limit)
+            row.update(_accuracy(task, reference, outputs))
+    except Exception as exc:
+        row.update(state="failed", error=_error(exc))
+        return None
+    finally:
+        row["finished_at"] = datetime.now(UTC)
+        row["duration_s"] = time.time() - started
+    return candidate
 
 
 def evaluate(predict: Any, task: Any, limit: int | None, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:

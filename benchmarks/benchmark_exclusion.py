@@ -137,10 +137,10 @@ def run(s: Settings, scratch: Path) -> None:
     """Run every method, time their final models, print and write the tables."""
     import torch
 
-    from sweeper.backends import BuildContext, get_backend
+    from sweeper.backends import get_backend
     from sweeper.backends.onnx.export import export_onnx
     from sweeper.backends.onnx.runtime import OnnxCandidate, onnx_layer_units
-    from sweeper.trial import prepare_baseline
+    from sweeper.worker import build_context, prepare_baseline
 
     torch.set_num_threads(s.threads)
     info = machine()
@@ -153,8 +153,7 @@ def run(s: Settings, scratch: Path) -> None:
     builder = Builder(s, baseline, scratch / "builds")
     with roots.using(roots.fresh("prepare")) as root:
         t0 = time.perf_counter()
-        ctx = BuildContext(model=baseline.model, task=baseline.task, workdir=scratch, cache_dir=root / "models",
-                           num_threads=s.threads)  # fmt: skip
+        ctx = build_context(baseline.model, baseline.task, scratch, s.threads, models_cache=root / "models")
         # every method starts from the export the static INT8 backend makes with its defaults
         fp32_onnx = export_onnx(ctx, get_backend(BACKEND).Config())
         export_s = time.perf_counter() - t0

@@ -6,6 +6,7 @@ Parameter importance, which needs the stored Optuna study, is in :mod:`sweeper.i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from sweeper import results
 from sweeper.location import StudyPath, location
+from sweeper.spec import FP32Baseline, StudyInfo
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,22 +41,34 @@ def maximised(objective: str, *, metric_higher_is_better: bool = True) -> bool:
     return objective in HIGHER_IS_BETTER
 
 
-def study_settings(study_dir: str | StudyPath) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StudySettings:
+    """What ``study.json`` says about a study, its space file parsed (``space``)."""
+
+    study: str
+    task: str | None
+    task_path: str | None
+    objective: str
+    space: dict[str, Any]
+    baseline: FP32Baseline | None
+
+
+def study_settings(study_dir: str | StudyPath) -> StudySettings:
     """What ``study.json`` says about a study: name, task, task_path, objective, the parsed space
     file (``space``) and the FP32 ``baseline``; defaults where the file or a key is missing."""
     import yaml
 
     folder = location(study_dir)
-    info = results.read_study_info(folder) or {}
-    space = yaml.safe_load(info.get("space") or "") or {}
-    return {
-        "study": info.get("study", folder.name),
-        "task": info.get("task"),
-        "task_path": info.get("task_path"),
-        "objective": space.get("objective", "latency_ms_p50"),
-        "space": space,
-        "baseline": info.get("baseline", {}),
-    }
+    info = StudyInfo.from_json(results.read_study_info(folder) or {}, default_study=folder.name)
+    space = yaml.safe_load(info.space or "") or {}
+    return StudySettings(
+        study=info.study,
+        task=info.task,
+        task_path=info.task_path,
+        objective=space.get("objective", "latency_ms_p50"),
+        space=space,
+        baseline=info.baseline,
+    )
 
 
 def best_feasible(
@@ -211,7 +225,8 @@ def sensitivity_with_exclusions(
         columns["feasible_excluding"].append(int((has & feasible).sum()))
         columns["median_accuracy_drop_excluding"].append(done.loc[has, "accuracy_drop"].median())
         columns["median_accuracy_drop_including"].append(done.loc[lacks, "accuracy_drop"].median())
-        columns[f"best_feasible_{objective}_excluding"].append(_best(done.loc[has & feasible, objective], maximised(objective)))
+        best_value = _best(done.loc[has & feasible, objective], maximised(objective))
+        columns[f"best_feasible_{objective}_excluding"].append(best_value)
         in_best = row.layer in best_excluded and (not isinstance(backend, str) or backend == best_backend)
         columns["excluded_in_best"].append(bool(in_best))
     for name, values in columns.items():

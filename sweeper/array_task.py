@@ -83,8 +83,8 @@ class ArraySplit:
                 rows = slice(start, start + batch_size)
                 yield self.inputs[rows].copy(), self.labels[rows].copy()
             else:
-                rows = order[start : start + batch_size]
-                yield self.inputs[rows], self.labels[rows]
+                picked = order[start : start + batch_size]
+                yield self.inputs[picked], self.labels[picked]
 
 
 @dataclass(frozen=True, kw_only=True)

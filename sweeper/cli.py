@@ -13,9 +13,21 @@ from rich.console import Console
 from rich.markup import escape
 from rich.text import Text
 
-from sweeper import views
+from sweeper import __version__, results, views
+from sweeper.analysis import best_feasible, closest_infeasible, maximised, state_counts, study_settings
+from sweeper.backends import BACKENDS, availability, get_backend
+from sweeper.cluster import connect, job_runtime_env, worker_launch
 from sweeper.errors import SweeperInputError, did_you_mean
+from sweeper.export import export_trial
+from sweeper.location import is_uri, location
+from sweeper.progress import SweepProgress
+from sweeper.report import write_report
+from sweeper.sensitivity import output_path, run_sensitivity, write_table
 from sweeper.signals import SweepInterrupted
+from sweeper.space import check_constraint, load_space
+from sweeper.spec import TaskRef
+from sweeper.study import SweepOptions, run_sweep
+from sweeper.task import check_task_file, find_task_file, load_task, task_search_dirs
 
 app = typer.Typer(
     help="Find the fastest deployable form of a trained model within an accuracy budget.",
@@ -50,7 +62,7 @@ def _version(value: bool) -> None:
     try:
         number = version("sweeper")
     except PackageNotFoundError:  # run from a source tree that was never installed
-        from sweeper import __version__ as number
+        number = __version__
     console.print(f"sweeper {number}")
     raise typer.Exit()
 
@@ -82,10 +94,6 @@ def run(
     debug: Annotated[bool, typer.Option(help="show tracebacks and Ray worker logs")] = False,
 ) -> None:
     """Run a sweep: Optuna proposes configurations, Ray tasks build and measure them."""
-    from sweeper.progress import SweepProgress
-    from sweeper.space import load_space
-    from sweeper.study import SweepOptions, run_sweep
-
     try:
         space = load_space(space_file)
         _check_task(task or space.task, space)
@@ -104,8 +112,6 @@ def run(
             again = ["sweeper", *(a for a in sys.argv[1:] if a != "--resume"), "--resume"]
             err_console.print(Text(f"Continue with: {shlex.join(again)}"), soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    from sweeper import results
-
     df = results.load(summary.study_dir)
     console.print(Text(f"Study folder: {summary.study_dir}  (wall time {summary.wall_time_s:.1f} s)"))
     if not _print_summary(df, space.objective):
@@ -115,9 +121,6 @@ def run(
 def _warn_if_ephemeral(out: str) -> None:
     """Inside a Ray job a relative --out lands in the job's unpacked working directory, which Ray
     removes eventually: say where the study goes and how to keep it."""
-    from sweeper.cluster import job_runtime_env
-    from sweeper.location import is_uri
-
     env = job_runtime_env()
     if env is None or "working_dir" not in env or is_uri(out) or Path(out).is_absolute():
         return
@@ -131,9 +134,6 @@ def _warn_if_ephemeral(out: str) -> None:
 def _check_task(ref: str, space: Any = None) -> Path:
     """Find the task (the one lookup every command shares) and load it here, before Ray starts
     or any folder is made; check the space's accuracy budget against its metric."""
-    from sweeper.space import check_constraint
-    from sweeper.task import check_task_file, find_task_file, load_task, task_search_dirs
-
     path = check_task_file(find_task_file(ref, task_search_dirs(space.path if space is not None else None)))
     if space is not None:
         check_constraint(space, load_task(str(path)))
@@ -143,8 +143,6 @@ def _check_task(ref: str, space: Any = None) -> Path:
 @_command
 def backends() -> None:
     """List every backend and whether it can run here."""
-    from sweeper.backends import BACKENDS, availability, get_backend
-
     rows = []
     for name, reason in availability().items():
         try:
@@ -166,9 +164,6 @@ def show(
         "agreement rank highest first, every other column lowest first")] = None,
 ) -> None:
     """Summarise finished studies from their rows; exit 3 when a study has nothing feasible."""
-    from sweeper import results
-    from sweeper.analysis import maximised, study_settings
-
     try:
         studies = [(one, results.load(one)) for one in _studies(study_dir)]
         if not any(len(df) for _, df in studies):
@@ -189,15 +184,15 @@ def show(
     for folder, df in studies:
         settings = study_settings(folder)
         if several:
-            console.rule(Text(f"study {settings['study']} (task {settings['task'] or '?'})"), align="left")
+            console.rule(Text(f"study {settings.study} (task {settings.task or '?'})"), align="left")
         if df.empty:
             console.print(Text(f"{folder}: no trial rows yet"))
             all_feasible = False
             continue
-        ranked_by = objective or settings["objective"]
+        ranked_by = objective or settings.objective
         if ranked_by not in df.columns:
             ranked_by = "latency_ms_p50"
-        maximise = maximised(ranked_by, metric_higher_is_better=settings["baseline"].get("higher_is_better", True))
+        maximise = maximised(ranked_by, metric_higher_is_better=settings.baseline.higher_is_better if settings.baseline else True)
         all_feasible &= _print_summary(df, ranked_by, maximise=maximise, show_study=several)
     if not all_feasible:
         raise typer.Exit(NOTHING_FEASIBLE)
@@ -211,9 +206,6 @@ def _studies(where: str | Path) -> list[Any]:
     Raises:
         SweeperInputError: for a file, a missing path, or a folder holding no study.
     """
-    from sweeper import results
-    from sweeper.location import location
-
     path = location(where)
 
     if path.is_file():
@@ -228,8 +220,6 @@ def _studies(where: str | Path) -> list[Any]:
 
 def _print_summary(df: Any, objective: str, *, maximise: bool | None = None, show_study: bool = False) -> bool:
     """Print one study's verdict and its best trials; return whether any trial is feasible."""
-    from sweeper.analysis import best_feasible, closest_infeasible, maximised, state_counts
-
     if maximise is None:
         maximise = maximised(objective)
     counts = state_counts(df)
@@ -285,9 +275,6 @@ def sensitivity(
     """Rank a backend's quantizable layers by how much quantizing each one alone costs."""
     import yaml
 
-    from sweeper.backends import get_backend
-    from sweeper.sensitivity import output_path, write_table
-
     try:
         task_path = _check_task(task)
         params: dict[str, Any] = {}
@@ -327,10 +314,6 @@ def _score_layers(task_path: Path, backend: str, params: dict[str, Any], num_cpu
     import ray
     from rich.progress import Progress
 
-    from sweeper.cluster import connect, worker_launch
-    from sweeper.sensitivity import run_sensitivity
-    from sweeper.spec import TaskRef
-
     launch = worker_launch(address, task_path)
     connect(address, num_cpus=None, env=launch.runtime_env, debug=debug)
     task_ref = TaskRef(name=task_path.stem, path=launch.task_path)
@@ -361,8 +344,6 @@ def report(
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Write a self-contained HTML report (tables and plots) and a Markdown summary of a study."""
-    from sweeper.report import write_report
-
     try:
         studies = _studies(study_dir)
         if out is not None and len(studies) > 1:
@@ -388,8 +369,6 @@ def export(
     debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
 ) -> None:
     """Export a trial's model with a config that reproduces it and a loader snippet."""
-    from sweeper.export import export_trial
-
     try:
         studies = _studies(study_dir)
         if len(studies) > 1:
@@ -412,4 +391,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

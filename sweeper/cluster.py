@@ -57,9 +57,7 @@ def job_runtime_env() -> dict[str, Any] | None:
 
 
 def _package_dir() -> Path:
-    import sweeper
-
-    return Path(sweeper.__file__).resolve().parent
+    return Path(__file__).resolve().parent
 
 
 def worker_launch(address: str | None, task_file: Path) -> WorkerLaunch:
@@ -79,8 +77,12 @@ def worker_launch(address: str | None, task_file: Path) -> WorkerLaunch:
         return WorkerLaunch(runtime_env=None, task_path=str(task_file))
     job_env = job_runtime_env()
     if job_env is None:
-        env = {"working_dir": str(task_file.parent), "py_modules": [str(_package_dir())], "excludes": RUNTIME_ENV_EXCLUDES}
-        return WorkerLaunch(runtime_env=env, task_path=task_file.name)
+        fresh: dict[str, Any] = {
+            "working_dir": str(task_file.parent),
+            "py_modules": [str(_package_dir())],
+            "excludes": RUNTIME_ENV_EXCLUDES,
+        }
+        return WorkerLaunch(runtime_env=fresh, task_path=task_file.name)
     env: dict[str, Any] = {}
     cwd = Path.cwd().resolve()
     if "working_dir" in job_env:

@@ -8,14 +8,13 @@ space's ``trial_timeout_s`` is cancelled and recorded as failed.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from sweeper.rows import failed_result
 from sweeper.space import Space
-from sweeper.spec import TrialResult, TrialSpec
+from sweeper.spec import TrialResult, TrialSpec, failed_result
+from sweeper.trial import run_trial_with_ledger
 
 # Ray retries a trial whose worker process or node died this many times before it is failed.
 SYSTEM_RETRIES = 2
@@ -30,20 +29,6 @@ class AttemptLedger:
     def begin(self, key: str, node_id: str) -> int:
         self.nodes.setdefault(key, []).append(node_id)
         return len(self.nodes[key])
-
-
-def run_trial_with_ledger(spec: TrialSpec, ledger: Any) -> TrialResult:
-    """The Ray task body: note the attempt, run the trial, and return the result with it."""
-    import ray
-
-    from sweeper.trial import run_trial
-
-    key = f"{spec.study}/{spec.trial_number}"
-    try:
-        attempt = ray.get(ledger.begin.remote(key, ray.get_runtime_context().get_node_id()), timeout=60)
-    except (ray.exceptions.RayError, TimeoutError):  # the count is lost, the trial is not
-        attempt = None
-    return dataclasses.replace(run_trial(spec), attempt=attempt)
 
 
 @dataclass

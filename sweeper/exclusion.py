@@ -11,7 +11,7 @@ A backend that can leave layers in float names the config field that lists them
         always: ["/_conv_stem/*"]  # layers always left in float (glob patterns on layer names)
         never: ["/_fc/*"]          # layers never left in float
 
-Sensitivity (:mod:`sweeper.sensitivity`) ranks the layers once per study; a trial's excluded
+Sensitivity (:mod:`sweeper.sensitivity`, ``study_rankings``) ranks the layers once per study; a trial's excluded
 layers are the ``always`` layers, the top ``k`` of the ranking without the pinned (``always`` and
 ``never``) layers, and the per-layer picks, in ranking order. The same layer names appear in the
 sensitivity table, the config and the rows (``excluded_layers``). A layer is a backend's
@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sweeper.backends import BACKENDS, get_backend
 from sweeper.errors import ConfigError
 from sweeper.params import Choices, Fixed, Range
 
@@ -44,7 +45,7 @@ class _ExcludeBlock(BaseModel):
 
 
 @dataclass(frozen=True)
-class ExclusionSpec:
+class ExclusionSearch:
     """How a backend's excluded layers are searched."""
 
     top_k: Fixed | Choices | Range
@@ -75,10 +76,8 @@ class ExclusionSpec:
         return [layer for layer in ranking if layer not in always and layer not in never]
 
 
-def parse_exclusion(path: Path, backend: str, raw: Any) -> ExclusionSpec:
+def parse_exclusion(path: Path, backend: str, raw: Any) -> ExclusionSearch:
     """Validate a backend block's ``exclude`` key."""
-    from sweeper.backends import BACKENDS, get_backend
-
     where = f"{path}: key 'backends.{backend}.exclude'"
     if get_backend(backend).exclusion_field is None:
         able = [n for n in BACKENDS if _can_exclude(n)]
@@ -102,17 +101,19 @@ def parse_exclusion(path: Path, backend: str, raw: Any) -> ExclusionSpec:
                 f"{path}: key 'backends.{backend}.exclude.{key}': patterns must be non-empty strings, "
                 f"got {getattr(block, key)!r}"
             )
-    spec = ExclusionSpec(top_k=top_k, per_layer=block.per_layer, always=tuple(block.always), never=tuple(block.never))
-    if spec.candidates == 0 and not spec.always:
+    search = ExclusionSearch(
+        top_k=top_k, per_layer=block.per_layer, always=tuple(block.always), never=tuple(block.never)
+    )
+    if search.candidates == 0 and not search.always:
         raise ConfigError(f"{where}: excludes nothing; give top_k above 0, per_layer above 0 or always")
-    return spec
+    return search
 
 
 def _matching(patterns: tuple[str, ...], layers: list[str]) -> set[str]:
     return {layer for layer in layers if any(fnmatchcase(layer, p) for p in patterns)}
 
 
-def check_patterns(path: Path, backend: str, spec: ExclusionSpec, ranking: list[str]) -> None:
+def check_patterns(path: Path, backend: str, search: ExclusionSearch, ranking: list[str]) -> None:
     """Check ``always``/``never`` of ``backend``'s block in space file ``path`` against ``ranking``.
 
     Raises:
@@ -120,13 +121,13 @@ def check_patterns(path: Path, backend: str, spec: ExclusionSpec, ranking: list[
     """
     shown = ", ".join(ranking[:8]) + (f" ... ({len(ranking)} layers)" if len(ranking) > 8 else "")
     for key in ("always", "never"):
-        for pattern in getattr(spec, key):
+        for pattern in getattr(search, key):
             if not _matching((pattern,), ranking):
                 raise ConfigError(
                     f"{path}: key 'backends.{backend}.exclude.{key}': pattern {pattern!r} matches no layer. "
                     f"Layers (glob patterns, '*' matches '/' too): {shown or 'none'}"
                 )
-    always, never = spec.pinned(ranking)
+    always, never = search.pinned(ranking)
     both = sorted(always & never)
     if both:
         raise ConfigError(
@@ -136,8 +137,6 @@ def check_patterns(path: Path, backend: str, spec: ExclusionSpec, ranking: list[
 
 
 def _can_exclude(name: str) -> bool:
-    from sweeper.backends import get_backend
-
     try:
         return get_backend(name).exclusion_field is not None
     except ImportError:
@@ -166,12 +165,12 @@ def _top_k(where: str, value: Any) -> Fixed | Choices | Range:
     return result
 
 
-def suggest_excluded(trial: Any, backend: str, spec: ExclusionSpec, ranking: list[str]) -> tuple[str, ...]:
+def suggest_excluded(trial: Any, backend: str, search: ExclusionSearch, ranking: list[str]) -> tuple[str, ...]:
     """Ask ``trial`` which layers to leave in float, from the sensitivity ``ranking`` (most first)."""
-    always, _ = spec.pinned(ranking)
-    free = spec.free(ranking)
+    always, _ = search.pinned(ranking)
+    free = search.free(ranking)
     label = f"{backend}.exclude_top_k"
-    top_k = spec.top_k
+    top_k = search.top_k
     if isinstance(top_k, Fixed):
         k = int(top_k.value)
     elif isinstance(top_k, Choices):
@@ -179,79 +178,38 @@ def suggest_excluded(trial: Any, backend: str, spec: ExclusionSpec, ranking: lis
     else:
         k = trial.suggest_int(label, int(top_k.low), int(top_k.high))
     chosen = always | set(free[:k])
-    for layer in free[: spec.per_layer]:
+    for layer in free[: search.per_layer]:
         if trial.suggest_categorical(f"{backend}.exclude.{layer}", [False, True]):
             chosen.add(layer)
     return tuple(layer for layer in ranking if layer in chosen)
 
 
-def warm_start_ladder(backend: str, spec: ExclusionSpec) -> list[dict[str, Any]]:
+def warm_start_ladder(backend: str, search: ExclusionSearch) -> list[dict[str, Any]]:
     """Trials to enqueue first: no exclusion, then the top 1, 2, 4, ... most sensitive layers."""
-    if not isinstance(spec.top_k, Range):
+    if not isinstance(search.top_k, Range):
         return []
-    ladder, k = [int(spec.top_k.low)], 1
-    while k <= spec.top_k.high:
-        if k > spec.top_k.low:
+    ladder, k = [int(search.top_k.low)], 1
+    while k <= search.top_k.high:
+        if k > search.top_k.low:
             ladder.append(k)
         k *= 2
     return [{"backend": backend, f"{backend}.exclude_top_k": k} for k in dict.fromkeys(ladder)]
 
 
-def study_rankings(
-    space: Any, task_ref: Any, study_dir: Path, base_params: dict[str, dict[str, Any]], emit: Any
-) -> dict[str, list[str]]:
-    """The sensitivity ranking of every backend that searches exclusion, for one study.
-
-    The study's ``sensitivity.parquet`` is read when it exists (a resumed study keeps its ranking);
-    otherwise each backend's layers are scored on the cluster (see :mod:`sweeper.sensitivity`,
-    cached per machine) with ``base_params[backend]`` and the tables are written there.
+def check_against_ranking(path: Path, backend: str, search: ExclusionSearch, ranked: list[str]) -> None:
+    """Check ``backend``'s exclusion block in space file ``path`` against the model's ``ranked`` layers.
 
     Raises:
-        ConfigError: when a ``top_k`` or ``per_layer`` asks for more layers than the model has
-            (besides the pinned ones), or an ``always``/``never`` pattern matches no layer.
-        SensitivityError: when a backend's layers cannot be listed.
+        ConfigError: when ``top_k`` or ``per_layer`` asks for more layers than the model has (besides
+            the pinned ones), or an ``always``/``never`` pattern matches no layer.
     """
-    import pandas as pd
-
-    from sweeper.backends import get_backend
-    from sweeper.sensitivity import ranking, run_sensitivity
-
-    if not space.exclusions:
-        return {}
-    path = study_dir / "sensitivity.parquet"
-    if path.is_file():
-        table = pd.read_parquet(path)
-        rankings = {b: ranking(table[table["backend"] == b]) for b in space.exclusions}
-        for backend, spec in space.exclusions.items():
-            _check_against_ranking(space.path, backend, spec, rankings[backend])
-        return rankings
-    tables = []
-    for backend, spec in space.exclusions.items():
-        target = space.target_of(backend)
-        params = {k: v for k, v in base_params[backend].items() if k != get_backend(backend).exclusion_field}
-        table = run_sensitivity(
-            task_ref, backend, params,
-            ray_options=target.ray_options(), num_threads=target.num_cpus,
-            eval_batch_size=space.measure.eval_batch_size,
-            on_progress=lambda done, total, b=backend: emit("sensitivity", {"backend": b, "done": done, "total": total}),
-        )
-        _check_against_ranking(space.path, backend, spec, ranking(table))
-        tables.append(table)
-    combined = pd.concat(tables, ignore_index=True)
-    tmp = path.with_suffix(".tmp")
-    combined.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return {b: ranking(combined[combined["backend"] == b]) for b in space.exclusions}
-
-
-def _check_against_ranking(path: Path, backend: str, spec: ExclusionSpec, ranked: list[str]) -> None:
     where = f"{path}: key 'backends.{backend}.exclude'"
-    check_patterns(path, backend, spec, ranked)
-    free = len(spec.free(ranked))
-    if spec.candidates > free:
+    check_patterns(path, backend, search, ranked)
+    free = len(search.free(ranked))
+    if search.candidates > free:
         pinned = len(ranked) - free
         besides = f" besides the {pinned} that always/never pin" if pinned else ""
         raise ConfigError(
-            f"{where}: asks for up to {spec.candidates} layers, but the model has {free} quantizable layers "
+            f"{where}: asks for up to {search.candidates} layers, but the model has {free} quantizable layers "
             f"for '{backend}'{besides}; allowed: 0..{free}"
         )

@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper import analysis, results
+from sweeper.backends import Candidate, get_backend
 from sweeper.errors import SweeperInputError
-from sweeper.spec import MeasureSettings
+from sweeper.measure import agreement_pct, max_abs_error
+from sweeper.spec import MeasureSettings, TaskRef
+from sweeper.task import Task, load_task
+from sweeper.worker import build_context, evaluate, prepare_baseline
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from sweeper.backends import Candidate
-    from sweeper.task import Task
 
 EXPORT_FORMAT = 1
 METRIC_COLUMNS = (
@@ -105,7 +107,7 @@ def export_trial(
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise SweeperInputError(f"'{to}' already exists and is not an empty folder; choose a new --to")
     settings = analysis.study_settings(study_dir)
-    row = choose_trial(results.load(study_dir), trial=trial, best=best, objective=settings["objective"])
+    row = choose_trial(results.load(study_dir), trial=trial, best=best, objective=settings.objective)
     source = artifact_of(study_dir, row)
     to.mkdir(parents=True, exist_ok=True)
     target = to / source.name
@@ -113,13 +115,13 @@ def export_trial(
         shutil.copytree(source, target)
     else:
         shutil.copy2(source, target)
-    space = settings["space"]
+    space = settings.space
     config = {
         "sweeper_export": EXPORT_FORMAT,
         "study": row["study"],
         "trial_number": int(row["trial_number"]),
         "task": row["task"],
-        "task_path": settings["task_path"],
+        "task_path": settings.task_path,
         "backend": row["backend"],
         "params": json.loads(row["params_json"] or "{}"),
         "artifact": target.name,
@@ -151,7 +153,7 @@ def _reproducing_space(config: dict[str, Any], space: dict[str, Any]) -> str:
     import yaml
 
     params = {k: {"value": v} if isinstance(v, list) else v for k, v in config["params"].items()}
-    body = {
+    body: dict[str, Any] = {
         "task": config["task_path"] or config["task"],
         "study": f"{config['study']}-trial-{config['trial_number']}",
         "trials": 1,
@@ -168,17 +170,11 @@ def _reproducing_space(config: dict[str, Any], space: dict[str, Any]) -> str:
 def load_exported(
     directory: str | Path, *, task_path: str | None = None, num_threads: int | None = None
 ) -> tuple[Candidate, Task, dict[str, Any]]:
-    """Reload an exported artifact the way ``load_model.py`` does: ``get_backend(...).load(...)``.
+    """Reload an exported artifact (what ``load_model.py`` runs): ``get_backend(...).load(...)``.
 
     Returns:
         The candidate, its task and the export's config.
     """
-    import tempfile
-
-    from sweeper.backends import BuildContext, get_backend
-    from sweeper.cache import cache_dir
-    from sweeper.task import load_task
-
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     backend = get_backend(config["backend"])
@@ -186,8 +182,7 @@ def load_exported(
     task = load_task(task_path or config["task_path"])
     threads = num_threads or config["num_threads"]
     with tempfile.TemporaryDirectory(prefix="sweeper-load-") as workdir:
-        ctx = BuildContext(model=task.build_model().eval(), task=task, workdir=Path(workdir),
-                           cache_dir=cache_dir("models"), num_threads=threads)
+        ctx = build_context(task.build_model().eval(), task, Path(workdir), threads)
         candidate = backend.load(directory / config["artifact"], ctx, backend_config)
     return candidate, task, config
 
@@ -201,10 +196,6 @@ def evaluate_exported(directory: str | Path, *, task_path: str | None = None) ->
         ``output_max_abs_error``: the row's columns of the same names.
     """
     import torch
-
-    from sweeper.measure import agreement_pct, max_abs_error
-    from sweeper.spec import TaskRef
-    from sweeper.trial import evaluate, prepare_baseline
 
     candidate, task, config = load_exported(directory, task_path=task_path)
     outputs, labels = evaluate(candidate.predict, task, config["eval_batch_size"])
@@ -222,6 +213,7 @@ def evaluate_exported(directory: str | Path, *, task_path: str | None = None) ->
     }
 
 
+# What load_model.py holds: load_exported below, spelled out for a reader of the export folder.
 LOADER = '''"""Reload this exported model with sweeper and evaluate it on its task.
 
     python load_model.py [TASK_FILE]
@@ -235,10 +227,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sweeper.backends import BuildContext, get_backend
-from sweeper.cache import cache_dir
+from sweeper.backends import get_backend
 from sweeper.task import load_task
-from sweeper.trial import evaluate
+from sweeper.worker import build_context, evaluate
 
 here = Path(__file__).resolve().parent
 config = json.loads((here / "config.json").read_text())
@@ -246,8 +237,7 @@ task = load_task(sys.argv[1] if len(sys.argv) > 1 else config["task_path"])
 backend = get_backend(config["backend"])
 backend_config = backend.Config.model_validate_json(json.dumps(config["params"]))
 with tempfile.TemporaryDirectory() as workdir:
-    ctx = BuildContext(model=task.build_model().eval(), task=task, workdir=Path(workdir),
-                       cache_dir=cache_dir("models"), num_threads=config["num_threads"])
+    ctx = build_context(task.build_model().eval(), task, Path(workdir), config["num_threads"])
     model = backend.load(here / config["artifact"], ctx, backend_config)
 
 # model.predict({"input": array}) -> logits as a numpy array; inputs as task.example_inputs(1)

@@ -54,7 +54,9 @@ def open_study(study_dir: str | Path) -> optuna.Study:
     journal = study_dir / "study.journal"
     if not journal.is_file():
         raise FileNotFoundError(f"'{study_dir}' has no Optuna journal (study.journal)")
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     names = optuna.get_all_study_names(storage)
     info_file = study_dir / "study.json"
     wanted = json.loads(info_file.read_text()).get("study") if info_file.is_file() else None
@@ -112,7 +114,7 @@ def param_importance(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # each scratch study logs its creation
     try:
         evaluate("all", trials, _varying(trials, None))
-        for backend in sorted({t.params.get("backend") for t in trials} - {None}):
+        for backend in sorted({str(t.params["backend"]) for t in trials if t.params.get("backend") is not None}):
             chosen = [t for t in trials if t.params.get("backend") == backend]
             evaluate(backend, chosen, _varying(chosen, f"{backend}."))
     finally:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sweeper.errors import ConfigError, did_you_mean
 
@@ -40,13 +40,8 @@ class Range:
 Param = Fixed | Choices | Range
 
 
-def parse_backend_params(path: Path, name: str, raw: dict[str, Any]) -> dict[str, Param]:
-    from sweeper.backends import get_backend
-
-    try:
-        config_cls = get_backend(name).Config
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: key 'backends.{name}': {exc}") from None
+def parse_backend_params(path: Path, name: str, config_cls: type[BaseModel], raw: dict[str, Any]) -> dict[str, Param]:
+    """Validate backend ``name``'s block ``raw`` of space file ``path`` against its ``config_cls``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: key 'backends.{name}' must be a mapping of parameter names to values")
     fields = config_cls.model_fields
@@ -64,6 +59,8 @@ def parse_backend_params(path: Path, name: str, raw: dict[str, Any]) -> dict[str
 
 class _Where(str):
     """Where a value sits, as ``FILE: key 'a.b.c'``; ``where.sub("low")`` names a sub-key."""
+
+    prefix: str
 
     def __new__(cls, prefix: str) -> _Where:
         self = super().__new__(cls, prefix + "'")

@@ -12,6 +12,8 @@ from rich.progress import Progress
 from rich.table import Column
 from rich.text import Text
 
+from sweeper.events import Event, SensitivityProgress, SweepStarted, TrialFinished, TrialStarted
+
 
 class _Progress(Progress):
     """Bars first, then each task's status as wrapping lines under them, so that a narrow
@@ -50,24 +52,27 @@ class SweepProgress:
         self.progress.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
 
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "start":
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, SweepStarted):
             self.console.print(Text(
-                f"Study '{data['study']}' in {data['study_dir']}: FP32 metric {data['accuracy_fp32']:.2f}, "
-                f"{data['done']} trials already done, {data['trials']} to run, {data['max_concurrent']} at a time"
+                f"Study '{event.study}' in {event.study_dir}: FP32 metric {event.accuracy_fp32:.2f}, "
+                f"{event.done} trials already done, {event.trials} to run, {event.max_concurrent} at a time"
             ))
-            self.task_id = self.progress.add_task(escape(data["study"]), total=data["trials"], status="")
-        elif kind == "sensitivity":
-            backend = data["backend"]
+            self.task_id = self.progress.add_task(escape(event.study), total=event.trials, status="")
+        elif isinstance(event, SensitivityProgress):
+            backend = event.backend
             if backend not in self.sensitivity:
-                self.sensitivity[backend] = self.progress.add_task(escape(f"layers scored, {backend}"), total=data["total"], status="")
-            self.progress.update(self.sensitivity[backend], completed=data["done"], total=data["total"])
-        elif kind == "started":
+                self.sensitivity[backend] = self.progress.add_task(
+                    escape(f"layers scored, {backend}"), total=event.total, status=""
+                )
+            self.progress.update(self.sensitivity[backend], completed=event.done, total=event.total)
+        elif isinstance(event, TrialStarted):
             self.running += 1
-        elif kind == "finished":
+        elif isinstance(event, TrialFinished):
+            data = event.row
             self.running = max(0, self.running - 1)
             if data["state"] == "complete":
                 self.complete += 1

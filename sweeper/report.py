@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper import analysis, plots, results
+from sweeper.importance import param_importance
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -142,7 +143,7 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
     if df.empty:
         raise ValueError(f"'{study_dir}' holds no trial rows")
     settings = analysis.study_settings(study_dir)
-    objective = settings["objective"]
+    objective = settings.objective
     notes: list[str] = []
     images: dict[str, Path | None] = {
         "pareto": plots.pareto_scatter(df, out / "pareto.png", objective),
@@ -150,8 +151,6 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
         "history": plots.optimization_history(df, out / "history.png", objective),
     }
     try:
-        from sweeper.importance import param_importance
-
         importance = param_importance(study_dir, min_trials=importance_min_trials)
         notes.extend(importance.notes)
         images["importance"] = plots.param_importance(importance.table, out / "importance.png")
@@ -159,11 +158,25 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
         importance = None
         notes.append(f"parameter importance: {exc}")
     sensitivity = analysis.load_sensitivity(study_dir)
-    joined = analysis.sensitivity_with_exclusions(sensitivity, df, objective) if sensitivity is not None else None
     images["sensitivity"] = plots.sensitivity_bars(sensitivity, out / "sensitivity.png")
 
     doc = _Doc()
     _summary(doc, df, settings)
+    _trade_offs(doc, df, objective, images)
+    _importance(doc, importance, objective, images, notes)
+    _sensitivity(doc, df, sensitivity, settings, study_dir, images)
+    _failures(doc, df)
+    _footer(doc, study_dir)
+
+    written = {name: path for name, path in images.items() if path is not None}
+    html_path = out / "report.html"
+    html_path.write_text(_page(settings.study, doc.html))
+    md_path = out / "report.md"
+    md_path.write_text(f"# sweeper report: {settings.study}\n\n" + "\n".join(doc.md) + "\n")
+    return Report(html=html_path, markdown=md_path, images=written, notes=notes)
+
+
+def _trade_offs(doc: _Doc, df: pd.DataFrame, objective: str, images: dict[str, Path | None]) -> None:
     doc.heading("Trade-off: latency vs accuracy drop")
     doc.image(images["pareto"], "Latency vs accuracy drop; shaded: feasible; star: best feasible")
     doc.para("Pareto front of feasible trials over latency p50, accuracy drop and size (all minimised):")
@@ -177,6 +190,11 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
     doc.image(images["speedup"], "Speedup over FP32 PyTorch by backend (dashed: 1x)")
     doc.heading("Optimization history")
     doc.image(images["history"], f"{objective} by trial; line: best feasible so far")
+
+
+def _importance(
+    doc: _Doc, importance: Any, objective: str, images: dict[str, Path | None], notes: list[str]
+) -> None:
     doc.heading("Parameter importance")
     if importance is not None and not importance.table.empty:
         doc.para("Optuna's PED-ANOVA evaluator on the stored study: how much each parameter matters for "
@@ -187,49 +205,52 @@ def write_report(study_dir: str | Path, out_dir: str | Path | None = None, *, im
         doc.image(images["importance"], "Parameter importance per scope")
     for note in notes:
         doc.para(f"Note: {note}")
+
+
+def _sensitivity(
+    doc: _Doc, df: pd.DataFrame, sensitivity: pd.DataFrame | None, settings: analysis.StudySettings, study_dir: Path,
+    images: dict[str, Path | None],
+) -> None:
     doc.heading("Layer sensitivity")
-    if joined is None:
-        task = settings["task"] or "TASK"
+    if sensitivity is None:
+        task = settings.task or "TASK"
         doc.para(
             f"No layer-sensitivity table: looked for {study_dir / analysis.SENSITIVITY_FILE}. "
             f"`sweeper sensitivity --task {task} --backend BACKEND --out {study_dir}` writes it there "
             "(a sweep whose space searches layer exclusion writes it too)."
         )
-    else:  # the table's own extra columns (the config it was measured with) stay in the Parquet file
-        extra = set(sensitivity.columns) - {"backend", *analysis.SENSITIVITY_COLUMNS}
-        doc.table(_formatted(joined.drop(columns=sorted(extra))))
-        doc.image(images["sensitivity"], "Per-layer sensitivity, most sensitive first")
+        return
+    joined = analysis.sensitivity_with_exclusions(sensitivity, df, settings.objective)
+    # the table's own extra columns (the config it was measured with) stay in the Parquet file
+    extra = set(sensitivity.columns) - {"backend", *analysis.SENSITIVITY_COLUMNS}
+    doc.table(_formatted(joined.drop(columns=sorted(extra))))
+    doc.image(images["sensitivity"], "Per-layer sensitivity, most sensitive first")
+
+
+def _failures(doc: _Doc, df: pd.DataFrame) -> None:
     failed = df[df["state"] != "complete"]
     doc.heading(f"Failed and pruned trials ({len(failed)})")
     if failed.empty:
         doc.para("(none)")
-    else:
-        import pandas as pd
+        return
+    import pandas as pd
 
-        doc.table(pd.DataFrame({
-            "trial": failed["trial_number"].astype(str), "backend": failed["backend"].astype(str),
-            "state": failed["state"].astype(str),
-            "error": [(_text(e).strip().splitlines() or [""])[0][:200] for e in failed["error"]],
-        }))  # fmt: skip
-    _footer(doc, study_dir)
-
-    written = {name: path for name, path in images.items() if path is not None}
-    html_path = out / "report.html"
-    html_path.write_text(_page(settings["study"], doc.html))
-    md_path = out / "report.md"
-    md_path.write_text(f"# sweeper report: {settings['study']}\n\n" + "\n".join(doc.md) + "\n")
-    return Report(html=html_path, markdown=md_path, images=written, notes=notes)
+    doc.table(pd.DataFrame({
+        "trial": failed["trial_number"].astype(str), "backend": failed["backend"].astype(str),
+        "state": failed["state"].astype(str),
+        "error": [(_text(e).strip().splitlines() or [""])[0][:200] for e in failed["error"]],
+    }))  # fmt: skip
 
 
-def _summary(doc: _Doc, df: pd.DataFrame, settings: dict[str, Any]) -> None:
-    objective = settings["objective"]
+def _summary(doc: _Doc, df: pd.DataFrame, settings: analysis.StudySettings) -> None:
+    objective = settings.objective
     counts = analysis.state_counts(df)
     first = df.iloc[0]
     mode = "points" if first["drop_mode"] != "relative" else "% of FP32"
     direction = "maximise" if analysis.maximised(objective) else "minimise"
     doc.heading("Summary")
     doc.para(
-        f"Study {settings['study']}, task {_text(first['task']) or settings['task'] or '?'} "
+        f"Study {settings.study}, task {_text(first['task']) or settings.task or '?'} "
         f"({_text(first['metric_name']) or 'metric'}, FP32 "
         f"{_fmt(first['accuracy_fp32'], '.2f')}). Objective: {direction} {objective} subject to accuracy drop "
         f"<= {_fmt(first['max_drop'], 'g')} {mode}. Trials: {len(df)} (complete {counts['complete']}, "

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sweeper.location import RemotePath, StudyPath, location
+from sweeper.spec import VERSIONED_PACKAGES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,7 +58,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("drop_mode", pa.string(), "absolute (metric units) or relative (percent of FP32)"),
     ("max_drop", pa.float64(), "the constraint: largest drop allowed"),
     ("feasible", pa.bool_(), "accuracy_drop <= max_drop"),
-    ("subset_accuracy", pa.float64(), "candidate metric on the first share of the evaluation split (cheap-first evaluation)"),
+    (
+        "subset_accuracy",
+        pa.float64(),
+        "candidate metric on the first share of the evaluation split (cheap-first evaluation)",
+    ),
     ("subset_accuracy_fp32", pa.float64(), "FP32 metric on that share"),
     ("subset_samples", pa.int64(), "samples in that share"),
     ("excluded_layers", pa.list_(pa.string()), "layers left in float (the backend's exclusion field)"),
@@ -81,11 +86,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("node_id", pa.string(), "Ray node id"),
     ("hostname", pa.string(), "host name of the node"),
     ("cpu_model", pa.string(), "CPU model of the node"),
-    ("torch_version", pa.string(), ""),
-    ("onnxruntime_version", pa.string(), ""),
-    ("optuna_version", pa.string(), ""),
-    ("ray_version", pa.string(), ""),
-    ("sweeper_version", pa.string(), ""),
+    *((f"{package}_version", pa.string(), f"version of {package} on the node") for package in VERSIONED_PACKAGES),
     ("error", pa.string(), "error text of a failed trial"),
     ("artifact_path", pa.string(), "where the trial saved its model"),
 ]
@@ -117,7 +118,7 @@ def write_row(study_dir: StudyPath, row: dict[str, Any]) -> StudyPath:
     full = {name: row.get(name) for name in COLUMN_NAMES}
     full["schema_version"] = SCHEMA_VERSION
     table = pa.Table.from_pylist([full], schema=SCHEMA)
-    path = row_path(study_dir, int(full["trial_number"]))
+    path = row_path(study_dir, int(row["trial_number"]))
     if path.exists():
         raise FileExistsError(f"trial {full['trial_number']} already has a row at {path}")
     if isinstance(path, RemotePath):
@@ -145,7 +146,7 @@ def study_dirs(paths: str | StudyPath | Iterable[str | StudyPath]) -> list[Study
         if trials_dir(path).is_dir():
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(p.parent for p in path.glob("*/trials") if p.is_dir()))
+            found.extend(sorted((p.parent for p in path.glob("*/trials") if p.is_dir()), key=str))
         else:
             raise FileNotFoundError(f"results folder '{path}' does not exist")
     return found
@@ -153,7 +154,9 @@ def study_dirs(paths: str | StudyPath | Iterable[str | StudyPath]) -> list[Study
 
 def read_table(paths: str | StudyPath | Iterable[str | StudyPath]) -> pa.Table:
     """Read every row of the given studies as one Arrow table with the current schema."""
-    files = [f for d in study_dirs(paths) for f in sorted(trials_dir(d).glob("trial-*.parquet"), key=str)]
+    files: list[Any] = [
+        f for d in study_dirs(paths) for f in sorted(trials_dir(d).glob("trial-*.parquet"), key=str)
+    ]
     if not files:
         return SCHEMA.empty_table()
     tables = [_conform(pq.read_table(_source(f))) for f in files]
@@ -179,7 +182,8 @@ def load(paths: str | StudyPath | Iterable[str | StudyPath]) -> pd.DataFrame:
     """Load one or more studies' rows into a pandas DataFrame, sorted by study and trial.
 
     ``paths`` may be a study folder, a results folder holding several studies, or a list of
-    either; each a local path or an object-store URI (``s3://bucket/results/quickstart``). The fixed columns (:data:`COLUMNS`) come first, then each config field found in
+    either; each a local path or an object-store URI (``s3://bucket/results/quickstart``). The fixed
+    columns (:data:`COLUMNS`) come first, then each config field found in
     ``params_json`` as a typed ``param.<field>`` column (:func:`expand_params`).
     """
     df = read_table(paths).to_pandas()
@@ -239,5 +243,6 @@ def write_study_info(study_dir: StudyPath, info: dict[str, Any]) -> None:
 
 
 def read_study_info(study_dir: StudyPath) -> dict[str, Any] | None:
+    """``study.json`` as written (:class:`~sweeper.spec.StudyInfo` reads it into its typed form)."""
     path = study_dir / "study.json"
     return json.loads(path.read_text()) if path.is_file() else None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sweeper.backends import get_backend
+from sweeper.exclusion import suggest_excluded
 from sweeper.params import Choices, Fixed, decode_choice, encode_choice
 from sweeper.space import Space
 
@@ -28,17 +30,18 @@ def suggest(
         elif isinstance(param, Choices):
             params[key] = decode_choice(trial.suggest_categorical(label, [encode_choice(v) for v in param.values]))
         elif param.integer:
-            params[key] = trial.suggest_int(label, int(param.low), int(param.high), step=int(param.step or 1), log=param.log)
+            params[key] = trial.suggest_int(
+                label, int(param.low), int(param.high), step=int(param.step or 1), log=param.log
+            )
         else:
-            params[key] = trial.suggest_float(label, float(param.low), float(param.high), step=param.step, log=param.log)
+            params[key] = trial.suggest_float(
+                label, float(param.low), float(param.high), step=param.step, log=param.log
+            )
     exclusion = space.exclusions.get(backend)
     if exclusion is not None:
-        from sweeper.backends import get_backend
-        from sweeper.exclusion import suggest_excluded
-
         if rankings is None or backend not in rankings:
             raise ValueError(f"backend '{backend}' searches layer exclusion but no sensitivity ranking was given")
         field = get_backend(backend).exclusion_field
+        assert field is not None  # the space accepts an exclude block only for such a backend
         params[field] = suggest_excluded(trial, backend, exclusion, rankings[backend])
     return backend, params
-

@@ -17,22 +17,33 @@ is cached per (task file, backend, config).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sweeper import __version__, results
+from sweeper.analysis import SENSITIVITY_FILE
+from sweeper.backends import get_backend
+from sweeper.cache import cache_dir, cache_key
 from sweeper.errors import SensitivityError, SweeperInputError
-from sweeper.spec import TaskRef
+from sweeper.events import EventHandler, SensitivityProgress
+from sweeper.exclusion import check_against_ranking
+from sweeper.location import StudyPath
+from sweeper.measure import accuracy_drop
+from sweeper.scoring import describe_error, list_layers, score_layers, sqnr_db
+from sweeper.space import Space
+from sweeper.spec import StudyInfo, TaskRef
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -41,139 +52,16 @@ COLUMNS = ["task", "backend", "params_json", "layer", "module", "op_type", "memb
            "metric_drop", "output_error", "sqnr_db", "error", "rank", "full_metric_drop", "full_output_error"]
 # Bump when what a layer is changes, so cached tables of the old kind are not read back.
 LAYOUT = 2
-# Error text kept per row.
-MAX_ERROR_CHARS = 600
-
-
-def output_error(reference: np.ndarray, outputs: np.ndarray) -> float:
-    """Normalised squared error of ``outputs`` against ``reference`` (0 is identical)."""
-    ref = reference.astype(np.float64)
-    denom = float(np.sum(ref * ref)) or 1.0
-    return float(np.sum((outputs.astype(np.float64) - ref) ** 2) / denom)
-
-
-def sqnr_db(error: float) -> float:
-    """Signal-to-quantization-noise ratio in dB from a normalised squared error."""
-    if math.isnan(error):
-        return math.nan
-    return math.inf if error <= 0 else -10.0 * math.log10(error)
-
-
-def describe_error(exc: BaseException) -> str:
-    """The innermost cause of ``exc`` as ``Type: message``, shortened (backends wrap ORT's errors)."""
-    seen = {id(exc)}
-    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
-        exc = exc.__cause__
-        seen.add(id(exc))
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
-
-
-@dataclasses.dataclass(frozen=True)
-class _Reference:
-    """What a unit's outputs are compared with: the FP32 model's outputs on the evaluation split."""
-
-    task: Any
-    model: Any
-    outputs: np.ndarray
-    labels: np.ndarray
-
-
-@functools.cache
-def _task_and_model(task_ref: TaskRef) -> tuple[Any, Any]:
-    from sweeper.task import load_task
-
-    task = load_task(task_ref.path, task_ref.attr)
-    return task, task.build_model().eval()
-
-
-def _context(
-    task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir: str, reference: dict[str, Any] | None = None
-) -> tuple[Any, Any]:
-    """The FP32 reference and a build context. With ``reference`` (the FP32 outputs and labels the
-    listing task computed) the FP32 model is not evaluated again in this process."""
-    import torch
-
-    from sweeper.backends import BuildContext
-    from sweeper.cache import cache_dir
-    from sweeper.trial import prepare_baseline
-
-    torch.set_num_threads(num_threads)
-    if reference is None:
-        baseline = prepare_baseline(task_ref, eval_batch_size)
-    else:
-        task, model = _task_and_model(task_ref)
-        baseline = _Reference(task=task, model=model, outputs=reference["outputs"], labels=reference["labels"])
-    ctx = BuildContext(
-        model=baseline.model, task=baseline.task, workdir=Path(workdir),
-        cache_dir=cache_dir("models"), num_threads=num_threads,
-    )
-    return baseline, ctx
-
-
-def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int) -> tuple[float, float]:
-    from sweeper.backends import get_backend
-    from sweeper.trial import evaluate
-
-    candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
-    outputs, _ = evaluate(candidate.predict, baseline.task, eval_batch_size)
-    return baseline.task.metric(outputs, baseline.labels), output_error(baseline.outputs, outputs)
-
-
-def list_layers(task_ref: TaskRef, backend: str, params: dict[str, Any], eval_batch_size: int, num_threads: int) -> dict[str, Any]:
-    """The exclusion units, every excludable name, and the FP32 and fully quantized figures (a Ray
-    task body). A fully quantized model that fails to build leaves its figures NaN, with ``full_failure``."""
-    from sweeper.backends import get_backend
-
-    impl = get_backend(backend)
-    with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
-        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir)
-        units, names = impl.exclusion_units(ctx, impl.config(params))
-        full_failure = None
-        try:
-            full_metric, full_error = _score(baseline, ctx, backend, {**params, impl.exclusion_field: ()}, eval_batch_size)
-        except SweeperInputError:
-            raise  # a config or task problem (too many calibration samples, say) fails every layer alike
-        except Exception as exc:  # recorded; each unit is still scored on its own
-            full_metric, full_error, full_failure = math.nan, math.nan, describe_error(exc)
-    return {"units": [dataclasses.asdict(u) for u in units], "names": list(names), "metric_fp32": baseline.metric,
-            "higher_is_better": baseline.task.higher_is_better, "full_metric": full_metric, "full_error": full_error,
-            "full_failure": full_failure, "reference": {"outputs": baseline.outputs, "labels": baseline.labels}}
-
-
-def score_layers(
-    task_ref: TaskRef, backend: str, params: dict[str, Any], units: list[dict[str, Any]], names: list[str],
-    eval_batch_size: int, num_threads: int, reference: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Quantize each of ``units`` alone (every other name of ``names`` excluded) and score it (a
-    Ray task body). A unit that raises gets NaN scores and its ``error``. ``reference``:
-    :func:`list_layers`'s, so that the FP32 model is not evaluated again here."""
-    from sweeper.backends import get_backend
-
-    field = get_backend(backend).exclusion_field
-    scored = []
-    with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
-        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
-        for unit in units:
-            members = set(unit["members"]) | {unit["name"]}
-            others = tuple(n for n in names if n not in members)
-            try:
-                metric, error = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size)
-                scored.append({"layer": unit["name"], "metric": metric, "output_error": error, "error": None})
-            except Exception as exc:  # one unit that cannot be scored never ends the ranking
-                scored.append({"layer": unit["name"], "metric": math.nan, "output_error": math.nan,
-                               "error": describe_error(exc)})
-    return scored
 
 
 def cache_path(task_ref: TaskRef, backend: str, params: dict[str, Any]) -> Path:
     """Where the table for this (task file, backend, config) is cached."""
-    from sweeper import __version__
-    from sweeper.cache import cache_dir, cache_key
-
-    task_hash = hashlib.sha256(Path(task_ref.path).read_bytes()).hexdigest() if Path(task_ref.path).is_file() else task_ref.path
-    key = cache_key(task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__,
-                    layout=LAYOUT)
+    task_hash = (
+        hashlib.sha256(Path(task_ref.path).read_bytes()).hexdigest() if Path(task_ref.path).is_file() else task_ref.path
+    )
+    key = cache_key(
+        task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__, layout=LAYOUT
+    )
     return cache_dir("sensitivity") / f"{task_ref.name}-{backend}-{key}.parquet"
 
 
@@ -208,8 +96,15 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.unlink(tmp)
 
 
-def _listing(task_ref: TaskRef, backend: str, params: dict[str, Any], parts: Path, ray_options: dict[str, Any],
-             eval_batch_size: int, num_threads: int) -> dict[str, Any]:
+def _listing(
+    task_ref: TaskRef,
+    backend: str,
+    params: dict[str, Any],
+    parts: Path,
+    ray_options: dict[str, Any],
+    eval_batch_size: int,
+    num_threads: int,
+) -> dict[str, Any]:
     """The units and full-model figures: read back from ``parts`` or listed by a Ray task (and saved there)."""
     import ray
 
@@ -226,8 +121,14 @@ def _listing(task_ref: TaskRef, backend: str, params: dict[str, Any], parts: Pat
             f"layer sensitivity of task '{task_ref.name}' for backend '{backend}' could not list the "
             f"model's layers: {describe_error(cause)}"
         ) from None
-    _write_atomically(reference, lambda tmp: tmp.write_bytes(_npz(info["reference"])))
-    _write_atomically(saved, lambda tmp: tmp.write_text(json.dumps({k: v for k, v in info.items() if k != "reference"})))
+    def write_reference(tmp: Path) -> None:
+        tmp.write_bytes(_npz(info["reference"]))
+
+    def write_listing(tmp: Path) -> None:
+        tmp.write_text(json.dumps({k: v for k, v in info.items() if k != "reference"}))
+
+    _write_atomically(reference, write_reference)
+    _write_atomically(saved, write_listing)
     return info
 
 
@@ -235,7 +136,8 @@ def _npz(arrays: dict[str, np.ndarray]) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    savez: Any = np.savez  # numpy's stubs do not type arrays passed by keyword
+    savez(buffer, **arrays)
     return buffer.getvalue()
 
 
@@ -260,11 +162,7 @@ def run_sensitivity(
         SensitivityError: when the layers cannot be listed (the task or its export fails).
     """
     import pandas as pd
-    import ray
 
-    from sweeper.measure import accuracy_drop
-
-    params = dict(params)
     cached = cache_path(task_ref, backend, params)
     if cached.is_file():
         table = pd.read_parquet(cached)
@@ -274,58 +172,99 @@ def run_sensitivity(
     parts = parts_dir(cached)
     info = _listing(task_ref, backend, params, parts, ray_options, eval_batch_size, num_threads)
     units = {u["name"]: u for u in info["units"]}
-
-    def drop(metric: float) -> float:
-        return accuracy_drop(info["metric_fp32"], metric, higher_is_better=info["higher_is_better"])
-
-    def rows(scored: list[dict[str, Any]]) -> pd.DataFrame:
-        return pd.DataFrame([{
-            "task": task_ref.name, "backend": backend, "params_json": json.dumps(params, sort_keys=True, default=list),
-            "layer": r["layer"], "module": units[r["layer"]]["module"], "op_type": units[r["layer"]]["op_type"],
-            "members": list(units[r["layer"]]["members"]), "metric_fp32": info["metric_fp32"],
-            "metric": r["metric"], "metric_drop": drop(r["metric"]), "output_error": r["output_error"],
-            "sqnr_db": sqnr_db(r["output_error"]), "error": r["error"],
-            "full_metric_drop": drop(info["full_metric"]), "full_output_error": info["full_error"],
-        } for r in scored], columns=[c for c in COLUMNS if c != "rank"])
-
+    table_of = functools.partial(_rows, task_ref, backend, params, info)
     earlier = read_parts(parts)
     done = set() if earlier is None else set(earlier["layer"]) & set(units)
-    todo = [u for name, u in units.items() if name not in done]
     if on_progress:
         on_progress(len(done), len(units))
-    score = ray.remote(score_layers).options(**ray_options, max_retries=2)
+    todo = [u for name, u in units.items() if name not in done]
+    order = {name: i for i, name in enumerate(units)}
+    chunks = _scored_chunks(task_ref, backend, params, todo, info, ray_options, chunk_size, eval_batch_size,
+                            num_threads)  # fmt: skip
+    with contextlib.closing(chunks):  # stopping early cancels the chunks still running
+        for scored in chunks:
+            part = table_of(scored)
+            first = min(order[r["layer"]] for r in scored)
+            _write_atomically(parts / f"part-{first:05d}.parquet", functools.partial(part.to_parquet, index=False))
+            done.update(r["layer"] for r in scored)
+            if on_progress:
+                on_progress(len(done), len(units))
+    table = rank_table(read_parts(parts) if units else table_of([]), list(units))
+    _write_atomically(cached, lambda tmp: table.to_parquet(tmp, index=False))
+    shutil.rmtree(parts, ignore_errors=True)
+    return table
+
+
+def _scored_chunks(
+    task_ref: TaskRef, backend: str, params: dict[str, Any], todo: list[dict[str, Any]], info: dict[str, Any],
+    ray_options: dict[str, Any], chunk_size: int, eval_batch_size: int, num_threads: int,
+) -> Generator[list[dict[str, Any]], None, None]:
+    """Score ``todo`` in Ray tasks of ``chunk_size`` units; yield each chunk's scores as it arrives
+    (a chunk whose task died, even after retries, as NaN scores with the error)."""
+    import ray
+
+    remote = ray.remote(score_layers).options(**ray_options, max_retries=2)
     reference = ray.put(info["reference"]) if todo else None  # sent once, not once per chunk
     chunks = {}
     for i in range(0, len(todo), chunk_size):
         chunk = todo[i : i + chunk_size]
-        ref = score.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads, reference)
+        ref = remote.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads, reference)
         chunks[ref] = chunk
     pending = list(chunks)
-    order = {name: i for i, name in enumerate(units)}
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            chunk = chunks[ready[0]]
             try:
-                scored = ray.get(ready[0])
+                yield ray.get(ready[0])
             except ray.exceptions.RayError as exc:  # the worker or its node died, even after retries
-                cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception) else exc
-                scored = [{"layer": u["name"], "metric": math.nan, "output_error": math.nan,
-                           "error": describe_error(cause)} for u in chunk]
-            part = rows(scored)
-            _write_atomically(parts / f"part-{order[chunk[0]['name']]:05d}.parquet",
-                              lambda tmp, part=part: part.to_parquet(tmp, index=False))
-            done.update(r["layer"] for r in scored)
-            if on_progress:
-                on_progress(len(done), len(units))
+                cause: BaseException = exc
+                if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, Exception):
+                    cause = exc.cause
+                error = describe_error(cause)
+                yield [
+                    {"layer": u["name"], "metric": math.nan, "output_error": math.nan, "error": error}
+                    for u in chunks[ready[0]]
+                ]
     except BaseException:
         for ref in pending:
             ray.cancel(ref)
         raise
-    table = rank_table(read_parts(parts) if units else rows([]), list(units))
-    _write_atomically(cached, lambda tmp: table.to_parquet(tmp, index=False))
-    shutil.rmtree(parts, ignore_errors=True)
-    return table
+
+
+def _rows(
+    task_ref: TaskRef, backend: str, params: dict[str, Any], info: dict[str, Any], scored: list[dict[str, Any]]
+) -> pd.DataFrame:
+    """The table rows of ``scored`` units (``info``: what :func:`list_layers` returned)."""
+    import pandas as pd
+
+    units = {u["name"]: u for u in info["units"]}
+
+    def drop(metric: float) -> float:
+        return accuracy_drop(info["metric_fp32"], metric, higher_is_better=info["higher_is_better"])
+
+    return pd.DataFrame(
+        [
+            {
+                "task": task_ref.name,
+                "backend": backend,
+                "params_json": json.dumps(params, sort_keys=True, default=list),
+                "layer": r["layer"],
+                "module": units[r["layer"]]["module"],
+                "op_type": units[r["layer"]]["op_type"],
+                "members": list(units[r["layer"]]["members"]),
+                "metric_fp32": info["metric_fp32"],
+                "metric": r["metric"],
+                "metric_drop": drop(r["metric"]),
+                "output_error": r["output_error"],
+                "sqnr_db": sqnr_db(r["output_error"]),
+                "error": r["error"],
+                "full_metric_drop": drop(info["full_metric"]),
+                "full_output_error": info["full_error"],
+            }
+            for r in scored
+        ],
+        columns=[c for c in COLUMNS if c != "rank"],
+    )
 
 
 def rank_table(table: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:
@@ -333,8 +272,9 @@ def rank_table(table: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:
     by output error, then metric drop, then model order."""
     order = {name: i for i, name in enumerate(model_order)}
     table = table.assign(_failed=table["error"].notna(), _order=table["layer"].map(order))
-    table = table.sort_values(["_failed", "output_error", "metric_drop", "_order"],
-                              ascending=[False, False, False, True], na_position="last")
+    table = table.sort_values(
+        ["_failed", "output_error", "metric_drop", "_order"], ascending=[False, False, False, True], na_position="last"
+    )
     table = table.drop(columns=["_failed", "_order"]).reset_index(drop=True)
     table.insert(table.columns.get_loc("full_metric_drop"), "rank", range(1, len(table) + 1))
     return table
@@ -355,14 +295,10 @@ def output_path(out: Path, task: str, backend: str) -> Path:
     Raises:
         SweeperInputError: when ``out`` is a file, or a study of another task.
     """
-    from sweeper import results
-    from sweeper.analysis import SENSITIVITY_FILE
-    from sweeper.errors import SweeperInputError
-
     if out.exists() and not out.is_dir():
         raise SweeperInputError(f"--out '{out}' is a file; give a folder (a study folder adds the table to its report)")
     if results.trials_dir(out).is_dir() or (out / "study.json").is_file():
-        studied = (results.read_study_info(out) or {}).get("task")
+        studied = StudyInfo.from_json(results.read_study_info(out) or {}).task
         if studied not in (None, task):
             raise SweeperInputError(
                 f"--out '{out}' is a study of task '{studied}', not '{task}'; give --task {studied}, "
@@ -377,8 +313,6 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
     the other backends and replaces this backend's."""
     import pandas as pd
 
-    from sweeper.analysis import SENSITIVITY_FILE
-
     if path.name == SENSITIVITY_FILE and path.is_file():
         kept = pd.read_parquet(path)
         if "backend" in kept.columns:
@@ -388,3 +322,55 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(path)
+
+
+def study_rankings(
+    space: Space, task_ref: TaskRef, study_dir: StudyPath, base_params: dict[str, dict[str, Any]], emit: EventHandler
+) -> dict[str, list[str]]:
+    """The sensitivity ranking of every backend that searches exclusion, for one study.
+
+    The study's ``sensitivity.parquet`` is read when it exists (a resumed study keeps its ranking);
+    otherwise each backend's layers are scored on the cluster (see :mod:`sweeper.sensitivity`,
+    cached per machine) with ``base_params[backend]`` and the tables are written there.
+
+    Raises:
+        ConfigError: when a ``top_k`` or ``per_layer`` asks for more layers than the model has
+            (besides the pinned ones), or an ``always``/``never`` pattern matches no layer.
+        SensitivityError: when a backend's layers cannot be listed.
+    """
+    import pandas as pd
+
+    if not space.exclusions:
+        return {}
+    path = study_dir / SENSITIVITY_FILE
+    if path.is_file():
+        table = pd.read_parquet(io.BytesIO(path.read_bytes()))
+        rankings = {b: ranking(table[table["backend"] == b]) for b in space.exclusions}
+        for backend, search in space.exclusions.items():
+            check_against_ranking(space.path, backend, search, rankings[backend])
+        return rankings
+    tables = []
+    for backend, search in space.exclusions.items():
+        target = space.target_of(backend)
+        params = {k: v for k, v in base_params[backend].items() if k != get_backend(backend).exclusion_field}
+        table = run_sensitivity(
+            task_ref,
+            backend,
+            params,
+            ray_options=target.ray_options(),
+            num_threads=target.num_cpus,
+            eval_batch_size=space.measure.eval_batch_size,
+            on_progress=functools.partial(_report_progress, emit, backend),
+        )
+        check_against_ranking(space.path, backend, search, ranking(table))
+        tables.append(table)
+    combined = pd.concat(tables, ignore_index=True)
+    if isinstance(path, Path):
+        _write_atomically(path, functools.partial(combined.to_parquet, index=False))
+    else:  # an object store writes a whole object or nothing
+        path.write_bytes(combined.to_parquet(index=False))
+    return {b: ranking(combined[combined["backend"] == b]) for b in space.exclusions}
+
+
+def _report_progress(emit: EventHandler, backend: str, done: int, total: int) -> None:
+    emit(SensitivityProgress(backend=backend, done=done, total=total))

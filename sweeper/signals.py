@@ -13,9 +13,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from sweeper.errors import SweeperError
+from sweeper.location import StudyPath
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -34,7 +34,7 @@ class StopRequested(BaseException):
 class SweepInterrupted(SweeperError):
     """The sweep was stopped by a signal; its rows are kept and ``--resume`` continues it."""
 
-    def __init__(self, signum: int, study_dir: Path | None, interrupted: int) -> None:
+    def __init__(self, signum: int, study_dir: StudyPath | None, interrupted: int) -> None:
         name = signal.Signals(signum).name
         super().__init__(
             f"stopped by {name}: {interrupted} trial(s) in flight were cancelled and recorded as "

@@ -1,4 +1,4 @@
-"""Search-space files: parse, validate against the backends' configs, and suggest trials.
+"""Search-space files: parse them and validate them against the backends' configs.
 
 A space file is YAML::
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -36,12 +36,12 @@ from pydantic import (
     model_validator,
 )
 
+from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, did_you_mean
+from sweeper.exclusion import ExclusionSearch, parse_exclusion
 from sweeper.params import Param, parse_backend_params
-
-if TYPE_CHECKING:
-    from sweeper.exclusion import ExclusionSpec
-    from sweeper.task import Task
+from sweeper.spec import MeasureSettings
+from sweeper.task import Task
 
 Objective = Literal["latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "size_bytes"]
 
@@ -50,7 +50,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ConstraintSpec(_Strict):
+class Constraint(_Strict):
     """The accuracy budget: ``max_drop`` in the metric's units (``absolute``) or in percent of the
     FP32 metric (``relative``, so at most 100). An absolute budget on a percentage metric is at
     most 100 points too; :func:`check_constraint` checks that against the task.
@@ -60,7 +60,7 @@ class ConstraintSpec(_Strict):
     mode: Literal["absolute", "relative"] = "absolute"
 
     @model_validator(mode="after")
-    def _relative_at_most_100(self) -> ConstraintSpec:
+    def _relative_at_most_100(self) -> Constraint:
         if self.mode == "relative" and self.max_drop > 100:
             raise ValueError(
                 f"max_drop {self.max_drop:g} with mode 'relative' is in percent of the FP32 metric, "
@@ -69,7 +69,7 @@ class ConstraintSpec(_Strict):
         return self
 
 
-class TargetSpec(_Strict):
+class HardwareTarget(_Strict):
     """A kind of node trials run on, and what each trial reserves there.
 
     ``num_cpus`` is also the number of threads a trial uses, so latency is measured with the
@@ -84,7 +84,7 @@ class TargetSpec(_Strict):
     labels: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _gpus_for_gpu_kind(self) -> TargetSpec:
+    def _gpus_for_gpu_kind(self) -> HardwareTarget:
         if self.kind == "gpu" and self.num_gpus <= 0:
             raise ValueError("a target of kind 'gpu' needs num_gpus > 0")
         if self.kind == "cpu" and self.num_gpus > 0:
@@ -106,32 +106,7 @@ class TargetSpec(_Strict):
         return options
 
 
-class MeasureSpec(_Strict):
-    """How latency is timed: ``warmup_runs`` untimed calls, then timed runs of each model until both
-    ``min_runs`` runs and ``min_time_s`` seconds are reached, or ``max_runs`` runs, whichever comes
-    first: ``max_runs`` is a cap that ends timing even before ``min_time_s`` has passed (a fast
-    model has stable percentiles long before then).
-    """
-
-    batch_size: int = Field(default=1, ge=1)
-    warmup_runs: int = Field(default=10, ge=0)
-    min_runs: int = Field(default=50, ge=1)
-    max_runs: int = Field(default=2000, ge=1)
-    min_time_s: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    round_size: int = Field(default=10, ge=1)
-    eval_batch_size: int = Field(default=256, ge=1)
-
-    @model_validator(mode="after")
-    def _min_runs_within_cap(self) -> MeasureSpec:
-        if self.min_runs > self.max_runs:
-            raise ValueError(
-                f"min_runs ({self.min_runs}) must be at most max_runs ({self.max_runs}): timing stops at "
-                "max_runs runs even if min_runs or min_time_s is not reached yet"
-            )
-        return self
-
-
-class EarlyStopSpec(_Strict):
+class EarlyStop(_Strict):
     """Cheap-first evaluation: score a share of the evaluation split first, prune hopeless trials.
 
     A trial whose drop on the first ``fraction`` of the evaluation split exceeds the constraint's
@@ -144,18 +119,20 @@ class EarlyStopSpec(_Strict):
 
 
 class SpaceFile(_Strict):
+    """A search-space file as written, validated key by key (:class:`Space` wraps it)."""
+
     task: str
     study: str | None = None
     trials: int = Field(default=20, ge=1)
     max_concurrent: int | None = Field(default=None, ge=1)
     seed: int | None = None
     objective: Objective = "latency_ms_p50"
-    constraint: ConstraintSpec
-    hardware: TargetSpec | None = None
-    targets: dict[str, TargetSpec] | None = None
+    constraint: Constraint
+    hardware: HardwareTarget | None = None
+    targets: dict[str, HardwareTarget] | None = None
     trial_timeout_s: float | None = Field(default=None, gt=0)
-    measure: MeasureSpec = MeasureSpec()
-    early_stop: EarlyStopSpec | None = None
+    measure: MeasureSettings = MeasureSettings()
+    early_stop: EarlyStop | None = None
     backends: dict[str, dict[str, Any] | None] = Field(min_length=1)
 
 
@@ -163,25 +140,57 @@ class SpaceFile(_Strict):
 
 @dataclass(frozen=True)
 class Space:
-    """A validated search space."""
+    """A validated search space: the file's model (:class:`SpaceFile`), and what is worked out from
+    it against the backends: the targets, each backend's parameters, target and exclusion search."""
 
     path: Path
-    task: str
-    study: str
-    trials: int
-    max_concurrent: int | None
-    seed: int | None
-    objective: Objective
-    constraint: ConstraintSpec
-    targets: dict[str, TargetSpec]
-    trial_timeout_s: float | None
-    measure: MeasureSpec
+    file: SpaceFile
+    targets: dict[str, HardwareTarget]
     backends: dict[str, dict[str, Param]]
     backend_targets: dict[str, str]
-    exclusions: dict[str, ExclusionSpec]
-    early_stop: EarlyStopSpec | None
+    exclusions: dict[str, ExclusionSearch]
 
-    def target_of(self, backend: str) -> TargetSpec:
+    @property
+    def task(self) -> str:
+        return self.file.task
+
+    @property
+    def study(self) -> str:
+        return self.file.study or self.path.stem
+
+    @property
+    def trials(self) -> int:
+        return self.file.trials
+
+    @property
+    def max_concurrent(self) -> int | None:
+        return self.file.max_concurrent
+
+    @property
+    def seed(self) -> int | None:
+        return self.file.seed
+
+    @property
+    def objective(self) -> Objective:
+        return self.file.objective
+
+    @property
+    def constraint(self) -> Constraint:
+        return self.file.constraint
+
+    @property
+    def trial_timeout_s(self) -> float | None:
+        return self.file.trial_timeout_s
+
+    @property
+    def measure(self) -> MeasureSettings:
+        return self.file.measure
+
+    @property
+    def early_stop(self) -> EarlyStop | None:
+        return self.file.early_stop
+
+    def target_of(self, backend: str) -> HardwareTarget:
         """The target the backend's trials run on."""
         return self.targets[self.backend_targets[backend]]
 
@@ -210,40 +219,31 @@ def load_space(path: str | Path) -> Space:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys such as task, constraint, backends")
     try:
-        spec = SpaceFile.model_validate(raw)
+        file = SpaceFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(path, exc, SpaceFile)) from None
-    if spec.hardware is not None and spec.targets is not None:
+    if file.hardware is not None and file.targets is not None:
         raise ConfigError(f"{path}: give either 'hardware' (one target) or 'targets' (several), not both")
-    targets = spec.targets if spec.targets is not None else {"default": spec.hardware or TargetSpec()}
+    targets = file.targets if file.targets is not None else {"default": file.hardware or HardwareTarget()}
     if not targets:
         raise ConfigError(f"{path}: key 'targets' must name at least one target")
     backends: dict[str, dict[str, Param]] = {}
     backend_targets: dict[str, str] = {}
-    exclusions: dict[str, ExclusionSpec] = {}
-    for name, raw_params in spec.backends.items():
+    exclusions: dict[str, ExclusionSearch] = {}
+    for name, raw_params in file.backends.items():
         params = dict(raw_params or {})
         wanted = params.pop("target", None)
         if "exclude" in params:
             exclusions[name] = _exclusion(path, name, params)
-        backends[name] = parse_backend_params(path, name, params)
+        backends[name] = parse_backend_params(path, name, _config_class(path, name), params)
         backend_targets[name] = _pick_target(path, name, wanted, targets)
     return Space(
         path=path,
-        task=spec.task,
-        study=spec.study or path.stem,
-        trials=spec.trials,
-        max_concurrent=spec.max_concurrent,
-        seed=spec.seed,
-        objective=spec.objective,
-        constraint=spec.constraint,
+        file=file,
         targets=dict(targets),
-        trial_timeout_s=spec.trial_timeout_s,
-        measure=spec.measure,
         backends=backends,
         backend_targets=backend_targets,
         exclusions=exclusions,
-        early_stop=spec.early_stop,
     )
 
 
@@ -285,29 +285,32 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _exclusion(path: Path, backend: str, params: dict[str, Any]) -> ExclusionSpec:
-    from sweeper.backends import get_backend
-    from sweeper.exclusion import parse_exclusion
+def _config_class(path: Path, backend: str) -> type[BaseModel]:
+    try:
+        return get_backend(backend).Config
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: key 'backends.{backend}': {exc}") from None
 
-    spec = parse_exclusion(path, backend, params.pop("exclude"))
+
+def _exclusion(path: Path, backend: str, params: dict[str, Any]) -> ExclusionSearch:
+    search = parse_exclusion(path, backend, params.pop("exclude"))
     field = get_backend(backend).exclusion_field
     if field in params:
         raise ConfigError(
             f"{path}: key 'backends.{backend}.{field}': give either '{field}' (a fixed list) or 'exclude' "
             "(searched from the sensitivity ranking), not both"
         )
-    return spec
+    return search
 
 
-def _pick_target(path: Path, backend: str, wanted: Any, targets: dict[str, TargetSpec]) -> str:
+def _pick_target(path: Path, backend: str, wanted: Any, targets: dict[str, HardwareTarget]) -> str:
     """The target a backend runs on: the one its block names, else the first of a kind it supports."""
-    from sweeper.backends import get_backend
-
     hardware = get_backend(backend).hardware
     if wanted is not None:
         if wanted not in targets:
             raise ConfigError(
-                f"{path}: key 'backends.{backend}.target': unknown target {wanted!r}.{did_you_mean(str(wanted), targets)} "
+                f"{path}: key 'backends.{backend}.target': unknown target {wanted!r}."
+                f"{did_you_mean(str(wanted), targets)} "
                 f"Targets: {', '.join(targets)}"
             )
         if targets[wanted].kind not in hardware:
@@ -337,7 +340,11 @@ def _explain(path: Path, exc: ValidationError, model: type[BaseModel] | None = N
             msg = f"unknown key.{did_you_mean(str(err['loc'][-1]), allowed)} Allowed keys: {', '.join(allowed)}"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{path}: key '{key}': {msg} (got {err.get('input')!r})" if err["type"] not in ("missing", "extra_forbidden") else f"{path}: key '{key}': {msg}")
+        lines.append(
+            f"{path}: key '{key}': {msg} (got {err.get('input')!r})"
+            if err["type"] not in ("missing", "extra_forbidden")
+            else f"{path}: key '{key}': {msg}"
+        )
     return "; ".join(lines)
 
 

@@ -1,14 +1,24 @@
 """What crosses the Ray boundary: plain frozen dataclasses, nothing Optuna-typed.
 
-The driver sends a :class:`TrialSpec` to a Ray task; the task returns a :class:`TrialResult`.
+The driver sends a :class:`TrialSpec` to a Ray task; the task returns a :class:`TrialResult`. The
+study's FP32 figures (:class:`FP32Baseline`, measured once in a Ray task) and what ``study.json``
+holds (:class:`StudyInfo`) are typed here too.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TrialState = Literal["complete", "failed", "pruned"]
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# A trial's outcome as its row records it (Optuna's own TrialState is a different thing).
+Outcome = Literal["complete", "failed", "pruned"]
+
+# The libraries whose versions every row records (``<name>_version`` columns).
+VERSIONED_PACKAGES = ("torch", "onnxruntime", "optuna", "ray", "sweeper")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,22 +30,34 @@ class TaskRef:
     attr: str = "TASK"
 
 
-@dataclass(frozen=True, kw_only=True)
-class MeasureSettings:
-    """How latency and accuracy are measured.
+class MeasureSettings(BaseModel):
+    """How latency and accuracy are measured (a space file's ``measure`` block, sent to each trial).
 
-    Latency: ``warmup_runs`` untimed calls each, then timed calls of candidate and FP32 baseline
-    in alternating rounds until both have at least ``min_runs`` and ``min_time_s`` has passed, or
-    ``max_runs`` is reached.
+    Latency: ``warmup_runs`` untimed calls, then timed runs of each model (candidate and FP32
+    baseline in alternating rounds of ``round_size``) until both ``min_runs`` runs and
+    ``min_time_s`` seconds are reached, or ``max_runs`` runs, whichever comes first: ``max_runs``
+    is a cap that ends timing even before ``min_time_s`` has passed (a fast model has stable
+    percentiles long before then).
     """
 
-    batch_size: int = 1
-    warmup_runs: int = 10
-    min_runs: int = 50
-    max_runs: int = 2000
-    min_time_s: float = 1.0
-    round_size: int = 10
-    eval_batch_size: int = 256
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(default=1, ge=1)
+    warmup_runs: int = Field(default=10, ge=0)
+    min_runs: int = Field(default=50, ge=1)
+    max_runs: int = Field(default=2000, ge=1)
+    min_time_s: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    round_size: int = Field(default=10, ge=1)
+    eval_batch_size: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _min_runs_within_cap(self) -> MeasureSettings:
+        if self.min_runs > self.max_runs:
+            raise ValueError(
+                f"min_runs ({self.min_runs}) must be at most max_runs ({self.max_runs}): timing stops at "
+                "max_runs runs even if min_runs or min_time_s is not reached yet"
+            )
+        return self
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,7 +107,7 @@ class Environment:
 class TrialResult:
     """What one trial measured. Failed trials carry ``error`` and whatever was measured before."""
 
-    state: TrialState
+    state: Outcome
     started_at: float
     finished_at: float
     environment: Environment | None = None
@@ -108,3 +130,61 @@ class TrialResult:
     artifact_files: dict[str, bytes] | None = None
     attempt: int | None = 1
     error: str | None = None
+
+
+def failed_result(error: str) -> TrialResult:
+    """A failed result for a trial that never produced one of its own."""
+    now = time.time()
+    return TrialResult(state="failed", started_at=now, finished_at=now, error=error)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FP32Baseline:
+    """What a study measures once of the FP32 model (``study.json``'s ``baseline``): its metric
+    (name, direction), the state dict's size, the task's calibration and evaluation sizes, and the
+    node it was measured on. Only ``metric`` is required, so hand-written study files load too."""
+
+    metric: float
+    metric_name: str = ""
+    higher_is_better: bool = True
+    size_bytes: int | None = None
+    calibration_size: int | None = None
+    eval_samples: int | None = None
+    environment: Environment | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FP32Baseline:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("environment"), dict):
+            values["environment"] = Environment(**values["environment"])
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyInfo:
+    """What ``study.json`` holds: the study, its task, the space file (path and text) and the FP32
+    baseline. :meth:`to_json` writes the file's format, which :meth:`from_json` reads back."""
+
+    study: str
+    task: str | None = None
+    task_path: str | None = None
+    space_path: str | None = None
+    space: str = ""
+    baseline: FP32Baseline | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], *, default_study: str = "") -> StudyInfo:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("study", default_study)
+        if isinstance(values.get("baseline"), dict):
+            values["baseline"] = FP32Baseline.from_json(values["baseline"]) if "metric" in values["baseline"] else None
+        return cls(**values)

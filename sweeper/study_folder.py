@@ -106,8 +106,12 @@ def open_storage(study_dir: StudyPath, storage_url: str | None) -> Any:
         try:
             return optuna.storages.RDBStorage(storage_url)
         except Exception as exc:  # SQLAlchemy raises many types for a bad URL or an unreachable server
-            raise SweeperInputError(f"--storage '{storage_url}' cannot be opened: {type(exc).__name__}: {exc}") from None
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal_path(study_dir))))
+            raise SweeperInputError(
+                f"--storage '{storage_url}' cannot be opened: {type(exc).__name__}: {exc}"
+            ) from None
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(journal_path(study_dir))))
 
 
 def mirror_journal(study_dir: StudyPath, storage_url: str | None) -> None:

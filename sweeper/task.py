@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from sweeper.errors import TaskError, did_you_mean
+
 if TYPE_CHECKING:
     import torch
 
@@ -88,7 +90,6 @@ class Task(ABC):
         Tasks without a training split keep this default, which raises ``TaskError``; backends
         that fine-tune (QAT) are then unavailable for the task.
         """
-        from sweeper.errors import TaskError
 
         raise TaskError(f"task '{self.name}' has no training split")
 
@@ -133,7 +134,6 @@ def check_batch_size(batch_size: int) -> None:
 
 def check_sample_count(task: Task, n: int) -> None:
     """Raise ``TaskError`` unless ``1 <= n <= task.calibration_size``."""
-    from sweeper.errors import TaskError
 
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= task.calibration_size:
         raise TaskError(
@@ -163,7 +163,6 @@ def find_task_file(ref: str, search_dirs: list[Path]) -> Path:
     Raises:
         TaskError: naming the places looked in and the tasks found there.
     """
-    from sweeper.errors import TaskError, did_you_mean
 
     if ref.endswith(".py") or "/" in ref:
         path = Path(ref).expanduser()
@@ -189,7 +188,6 @@ def load_task(path: str, attr: str = "TASK") -> Task:
     Raises:
         TaskError: when the module cannot be imported, lacks ``attr``, or ``attr`` is not a Task.
     """
-    from sweeper.errors import TaskError
 
     module_name = f"sweeper_task_{Path(path).stem}_{abs(hash(path)) % 10**8}"
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -225,7 +223,6 @@ def check_task_file(path: str | Path) -> Path:
     Raises:
         TaskError: naming the file and what is wrong with it.
     """
-    from sweeper.errors import TaskError
 
     path = Path(path)
     if not path.is_file():

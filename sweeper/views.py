@@ -37,9 +37,10 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 
 def fits(console: Console, table: Table) -> bool:
     """Whether ``table`` prints at the console's width without rich cutting a cell short ('…')."""
-    probe = Console(width=console.width, file=io.StringIO(), color_system=None, force_terminal=False)
+    buffer = io.StringIO()
+    probe = Console(width=console.width, file=buffer, color_system=None, force_terminal=False)
     probe.print(table)
-    return ELLIPSIS not in probe.file.getvalue()
+    return ELLIPSIS not in buffer.getvalue()
 
 
 def params_text(params_json: str | None) -> list[str]:
@@ -157,16 +158,23 @@ def sensitivity(table: pd.DataFrame, console: Console, title: str) -> Renderable
         view.add_column(col, no_wrap=True, justify="right")
     rows = [(r, _text(getattr(r, "module", None)), _text(getattr(r, "error", None))) for r in table.itertuples()]
     for r, module, error in rows:
-        scores = ("failed", "-", "-") if error else (f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}")
+        scores = (
+            ("failed", "-", "-") if error else (f"{r.metric_drop:.2f}", f"{r.output_error:.2e}", f"{r.sqnr_db:.1f}")
+        )
         view.add_row(str(r.rank), Text(str(r.layer)), Text(module or "-"), Text(str(r.op_type)), *scores)
     if fits(console, view):
         return view
     blocks = [
         Group(
-            Text.assemble((f"{r.rank}. ", "bold"), (str(r.layer), "bold cyan"), f"  ({r.op_type})",
-                          f"  module {module}" if module else ""),
+            Text.assemble(
+                (f"{r.rank}. ", "bold"),
+                (str(r.layer), "bold cyan"),
+                f"  ({r.op_type})",
+                f"  module {module}" if module else "",
+            ),
             indent(
-                f"could not be scored: {error}" if error
+                f"could not be scored: {error}"
+                if error
                 else f"metric drop {r.metric_drop:.2f}  output error {r.output_error:.2e}  SQNR {r.sqnr_db:.1f} dB"
             ),
         )

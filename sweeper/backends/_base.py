@@ -143,7 +143,7 @@ class Backend(ABC, Generic[ConfigT]):
         """
         raise NotImplementedError(f"backend '{self.name}' cannot leave layers in float")
 
-    def exclusion_units(self, ctx: BuildContext, config: BackendConfig) -> tuple[list[LayerUnit], list[str]]:
+    def exclusion_units(self, ctx: BuildContext, config: ConfigT) -> tuple[list[LayerUnit], list[str]]:
         """The layers a person would leave in float, and every name :attr:`exclusion_field` takes.
 
         Excluding all the names of the second list leaves the whole model in float; excluding all

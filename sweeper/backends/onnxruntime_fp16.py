@@ -27,8 +27,7 @@ from sweeper.backends._base import BuildContext
 from sweeper.backends.onnx.backend import OrtBackend
 from sweeper.backends.onnx.config import OnnxExportConfig
 from sweeper.backends.onnx.export import export_onnx
-from sweeper.backends.onnx.quiet import quiet
-from sweeper.backends.onnx.runtime import OnnxCandidate, check_nodes_to_exclude
+from sweeper.backends.onnx.runtime import OnnxCandidate, check_nodes_to_exclude, quiet
 from sweeper.cache import cache_key, cached_file
 
 if TYPE_CHECKING:

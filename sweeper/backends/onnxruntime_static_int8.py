@@ -34,13 +34,13 @@ from sweeper.backends._base import BuildContext
 from sweeper.backends.onnx.backend import OrtBackend
 from sweeper.backends.onnx.config import OnnxExportConfig
 from sweeper.backends.onnx.export import export_onnx
-from sweeper.backends.onnx.quiet import quiet
 from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
     check_nodes_to_exclude,
     excluded_nodes,
     graph_nodes,
     quantizer_input,
+    quiet,
 )
 from sweeper.cache import cache_key, cached_file
 from sweeper.task import Batch, check_sample_count
@@ -183,7 +183,11 @@ def quantize_static_int8(ctx: BuildContext, config: OnnxRuntimeStaticInt8Config)
         _run_quantize_static(ctx, quantizer_input(fp32, ctx.workdir), output, ranges, excluded, config)
     finally:  # the ranges are good even when quantizing then failed: keep them for the next build
         if ranges != cached_ranges and ranges.is_file():
-            cached_file(cached_ranges, lambda tmp: shutil.copyfile(ranges, tmp))
+
+            def copy_ranges(tmp: Path) -> None:
+                shutil.copyfile(ranges, tmp)
+
+            cached_file(cached_ranges, copy_ranges)
     return output
 
 

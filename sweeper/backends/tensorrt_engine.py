@@ -87,7 +87,7 @@ def _logger() -> Any:
     """A TensorRT logger that keeps warnings and errors, for error messages."""
     import tensorrt as trt
 
-    class _Logger(trt.ILogger):  # type: ignore[misc]
+    class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
             self.messages: list[str] = []

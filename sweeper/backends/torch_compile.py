@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal, cast
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
 from sweeper.backends.torch.eager import (
@@ -130,7 +130,7 @@ def _compiled(model: torch.nn.Module, ctx: BuildContext, config: TorchCompileCon
     torch.set_num_threads(ctx.num_threads)
     options = {**torch._inductor.list_mode_options(config.mode, config.dynamic), "freezing": config.freezing}
     compiled = torch.compile(model, backend="inductor", dynamic=config.dynamic, options=options)
-    candidate = CompiledCandidate(compiled, model, ctx.task.input_names, ctx.num_threads)
+    candidate = CompiledCandidate(cast("torch.nn.Module", compiled), model, ctx.task.input_names, ctx.num_threads)
     try:
         # Through predict, so that the guards (grad mode, input tensor kinds) are the ones later
         # calls meet and the first of those does not compile again.

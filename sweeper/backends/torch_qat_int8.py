@@ -36,11 +36,10 @@ from sweeper.backends.torch.fx_int8 import (
 )
 from sweeper.backends.torch.jit import TorchScriptCandidate, example_args, trace
 from sweeper.errors import TaskError
+from sweeper.task import Task
 
 if TYPE_CHECKING:
     import torch
-
-    from sweeper.task import Task
 
 SEED = 0
 BATCH_SIZE = 64

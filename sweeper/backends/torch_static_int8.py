@@ -16,7 +16,7 @@ across exclusion sets (the ONNX Runtime backend caches its ranges because ORT's 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -78,11 +78,12 @@ class TorchStaticInt8(FxInt8Backend[TorchStaticInt8Config]):
         check_sample_count(ctx.task, config.calibration_samples)
         expected = check_layers(ctx.model, config, ctx.task, self.name)
         set_engine(config.engine, self.name)
-        activation = {
+        observers: dict[str, Any] = {
             "minmax": observer.MinMaxObserver,
             "histogram": observer.HistogramObserver,
             "moving_average": observer.MovingAverageMinMaxObserver,
-        }[config.observer].with_args(**activation_range(config.engine))
+        }
+        activation = observers[config.observer].with_args(**activation_range(config.engine))
         qconfig = QConfig(activation=activation, weight=weight_observer(config.per_channel))
         mapping = qconfig_mapping(qconfig, config.excluded_layers)
         torch.set_num_threads(ctx.num_threads)

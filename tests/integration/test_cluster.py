@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from sweeper import results
+from sweeper.events import Event, TrialStarted
 from sweeper.space import load_space
 from sweeper.study import SweepOptions, run_sweep
 
@@ -84,11 +85,12 @@ def test_a_worker_node_killed_mid_sweep_loses_nothing(cluster, write_space, tmp_
           torch_dynamic_int8: {}
     """))
     # Longer trials, so that the node dies while trials run on it.
-    space = dataclasses.replace(space, measure=space.measure.model_copy(update={"min_time_s": 2.0}))
+    measure = space.measure.model_copy(update={"min_time_s": 2.0})
+    space = dataclasses.replace(space, file=space.file.model_copy(update={"measure": measure}))
     killed: list[str] = []
 
-    def kill_first_node_once_busy(kind: str, data: dict) -> None:
-        if kind == "started" and data["trial_number"] == 3 and not killed:
+    def kill_first_node_once_busy(event: Event) -> None:
+        if isinstance(event, TrialStarted) and event.trial_number == 3 and not killed:
             def kill() -> None:
                 time.sleep(1.0)
                 killed.append(first.node_id)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from sweeper import results
+from sweeper.events import Event, SensitivityProgress
 from sweeper.space import load_space
 from sweeper.study import SweepOptions, run_sweep
 
@@ -26,15 +27,15 @@ def test_exclusion_sweep_ranks_layers_then_searches_them(ray_local, write_space,
             calibration_samples: [64, 128]
             exclude: {top_k: {low: 0, high: 4}}
     """))
-    events: list[tuple[str, dict]] = []
-    summary = run_sweep(space, SweepOptions(out=tmp_path / "out"), lambda k, d: events.append((k, d)))
+    events: list[Event] = []
+    summary = run_sweep(space, SweepOptions(out=tmp_path / "out"), events.append)
 
     table = pd.read_parquet(summary.study_dir / "sensitivity.parquet")
     assert table["rank"].tolist() == list(range(1, len(table) + 1))
     assert table["output_error"].is_monotonic_decreasing
     assert {"layer", "op_type", "metric_drop", "output_error", "sqnr_db"} <= set(table.columns)
     ranking = table["layer"].tolist()
-    assert any(kind == "sensitivity" and d["done"] == d["total"] == len(ranking) for kind, d in events)
+    assert any(isinstance(e, SensitivityProgress) and e.done == e.total == len(ranking) for e in events)
 
     df = results.load(summary.study_dir)
     assert len(df) == 6 and set(df["state"]) == {"complete"}, df[["state", "error"]].to_string()

@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from sweeper import results
+from sweeper.events import Event, TrialFinished
 from sweeper.space import load_space
 from sweeper.study import SweepOptions, run_sweep
 
@@ -40,7 +41,7 @@ def test_sweep_writes_one_honest_row_per_trial(ray_local, write_space, tmp_path:
             per_channel: [true, false]
     """))
     events: list[str] = []
-    summary = run_sweep(space, SweepOptions(out=tmp_path / "out"), lambda kind, data: events.append(kind))
+    summary = run_sweep(space, SweepOptions(out=tmp_path / "out"), lambda event: events.append(event.kind))
     df = results.load(summary.study_dir)
 
     assert sorted(df["trial_number"]) == list(range(8)), "exactly one row per trial"
@@ -129,9 +130,9 @@ def test_an_interrupted_sweep_resumes_without_duplicates(ray_local, write_space,
     out = tmp_path / "out"
     finished: list[int] = []
 
-    def stop_after_three(kind: str, data: dict) -> None:
-        if kind == "finished":
-            finished.append(data["trial_number"])
+    def stop_after_three(event: Event) -> None:
+        if isinstance(event, TrialFinished):
+            finished.append(event.row["trial_number"])
             if len(finished) == 3:
                 raise KeyboardInterrupt
 

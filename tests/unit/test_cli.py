@@ -5,6 +5,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from sweeper.cli import app
+from sweeper.events import SweepStarted, TrialFinished
 
 runner = CliRunner()
 
@@ -223,10 +224,10 @@ def test_live_progress_at_80_columns_wraps_instead_of_cutting() -> None:
 
     console = Console(width=80, file=io.StringIO(), color_system=None)
     progress = SweepProgress(console, "latency_ms_p50")
-    progress.on_event("start", {"study": "runs[v2]", "study_dir": "results/runs[v2]", "accuracy_fp32": 98.0,
-                                "done": 0, "trials": 20, "max_concurrent": 2})
-    progress.on_event("finished", {"state": "complete", "feasible": True, "latency_ms_p50": 0.2,
-                                   "backend": "onnxruntime_static_int8", "trial_number": 3})
+    progress.on_event(SweepStarted(study="runs[v2]", study_dir="results/runs[v2]", accuracy_fp32=98.0,
+                                   done=0, trials=20, max_concurrent=2))
+    progress.on_event(TrialFinished(row={"state": "complete", "feasible": True, "latency_ms_p50": 0.2,
+                                         "backend": "onnxruntime_static_int8", "trial_number": 3}))
     console.print(progress.progress.get_renderable())
     text = console.file.getvalue()
     assert CUT not in text and "results/runs[v2]" in text and "runs[v2]" in text.splitlines()[2]

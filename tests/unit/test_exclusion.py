@@ -11,7 +11,7 @@ from sweeper.errors import ConfigError
 from sweeper.exclusion import suggest_excluded, warm_start_ladder
 from sweeper.params import Choices, Fixed, Range
 from sweeper.sampling import suggest
-from sweeper.sensitivity import output_error, sqnr_db
+from sweeper.scoring import output_error, sqnr_db
 from sweeper.space import load_space
 
 BASE = "task: digits_cnn\nconstraint: {max_drop: 1.0}\nbackends:\n"
@@ -64,9 +64,9 @@ RANKING = ["conv1", "fc2", "conv2", "fc1", "conv3"]
 
 
 def test_suggested_exclusion_follows_the_ranking(tmp_path: Path) -> None:
-    from sweeper.exclusion import ExclusionSpec
+    from sweeper.exclusion import ExclusionSearch
 
-    spec = ExclusionSpec(top_k=Range(low=0, high=3, integer=True), per_layer=4)
+    spec = ExclusionSearch(top_k=Range(low=0, high=3, integer=True), per_layer=4)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(60):
@@ -82,24 +82,24 @@ def test_suggested_exclusion_follows_the_ranking(tmp_path: Path) -> None:
 
 
 def test_fixed_and_choice_top_k() -> None:
-    from sweeper.exclusion import ExclusionSpec
+    from sweeper.exclusion import ExclusionSearch
 
     study = optuna.create_study()
     trial = study.ask()
-    assert suggest_excluded(trial, "b", ExclusionSpec(top_k=Fixed(2), per_layer=0), RANKING) == ("conv1", "fc2")
+    assert suggest_excluded(trial, "b", ExclusionSearch(top_k=Fixed(2), per_layer=0), RANKING) == ("conv1", "fc2")
     assert "b.exclude_top_k" not in trial.params
     trial = study.ask()
-    layers = suggest_excluded(trial, "b", ExclusionSpec(top_k=Choices((0, 4)), per_layer=0), RANKING)
+    layers = suggest_excluded(trial, "b", ExclusionSearch(top_k=Choices((0, 4)), per_layer=0), RANKING)
     assert layers in {(), tuple(RANKING[:4])}
 
 
 def test_warm_start_ladder() -> None:
-    from sweeper.exclusion import ExclusionSpec
+    from sweeper.exclusion import ExclusionSearch
 
-    ladder = warm_start_ladder("b", ExclusionSpec(top_k=Range(low=0, high=6, integer=True), per_layer=0))
+    ladder = warm_start_ladder("b", ExclusionSearch(top_k=Range(low=0, high=6, integer=True), per_layer=0))
     assert [p["b.exclude_top_k"] for p in ladder] == [0, 1, 2, 4]
     assert all(p["backend"] == "b" for p in ladder)
-    assert warm_start_ladder("b", ExclusionSpec(top_k=Fixed(2), per_layer=2)) == []
+    assert warm_start_ladder("b", ExclusionSearch(top_k=Fixed(2), per_layer=2)) == []
 
 
 def test_suggest_fills_the_exclusion_field(tmp_path: Path) -> None:
@@ -146,9 +146,9 @@ def test_bad_pin_patterns(tmp_path: Path, block: str, expected: str) -> None:
 
 
 def test_pinned_layers_are_always_or_never_excluded_and_not_counted_in_top_k() -> None:
-    from sweeper.exclusion import ExclusionSpec
+    from sweeper.exclusion import ExclusionSearch
 
-    spec = ExclusionSpec(top_k=Range(low=0, high=2, integer=True), per_layer=2, always=("conv3",), never=("fc*",))
+    spec = ExclusionSearch(top_k=Range(low=0, high=2, integer=True), per_layer=2, always=("conv3",), never=("fc*",))
     assert spec.free(RANKING) == ["conv1", "conv2"]
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(30):
@@ -175,7 +175,7 @@ def _study_with_ranking(tmp_path: Path, block: str) -> tuple[object, Path]:
 
 
 def test_study_rankings_checks_patterns_against_the_layers(tmp_path: Path) -> None:
-    from sweeper.exclusion import study_rankings
+    from sweeper.sensitivity import study_rankings
 
     def rankings(block: str) -> dict:
         folder = tmp_path / f"case{len(list(tmp_path.iterdir()))}"

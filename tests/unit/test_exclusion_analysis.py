@@ -16,7 +16,7 @@ import pytest
 from sweeper import analysis, report, results
 from sweeper.rows import make_row
 from sweeper.space import load_space
-from sweeper.spec import LatencyStats, MeasureSettings, TaskRef, TrialResult, TrialSpec
+from sweeper.spec import FP32Baseline, LatencyStats, MeasureSettings, TaskRef, TrialResult, TrialSpec
 
 STUDY = "torch-static"
 BACKEND = "torch_static_int8"
@@ -57,7 +57,7 @@ def _make_study(tmp_path: Path) -> Path:
             state="complete", started_at=1.0e9, finished_at=1.0e9 + 1, accuracy=BASELINE["metric"] - drop,
             latency=_latency(latency), baseline_latency=_latency(0.5), size_bytes=70_000, num_threads=1, batch_size=1,
         )  # fmt: skip
-        results.write_row(study_dir, make_row(space, spec, result, BASELINE))
+        results.write_row(study_dir, make_row(space, spec, result, FP32Baseline.from_json(BASELINE)))
     pd.DataFrame({
         "backend": [BACKEND] * 3, "layer": ["features.0", "classifier.3", "features.3"],
         "op_type": ["Conv2d", "Linear", "Conv2d"], "metric_drop": [1.0, 0.5, 0.1],

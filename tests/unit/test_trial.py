@@ -58,7 +58,7 @@ def test_a_failing_build_is_a_failed_result(tmp_path: Path, digits_task_path: Pa
 def test_quantizable_layers_are_what_exclusion_takes(tmp_path: Path, digits_task_path: Path, backend: str) -> None:
     from sweeper.backends import BuildContext, get_backend
     from sweeper.cache import cache_dir
-    from sweeper.trial import prepare_baseline
+    from sweeper.worker import prepare_baseline
 
     baseline = prepare_baseline(TaskRef(name="digits_cnn", path=str(digits_task_path)), 256)
     ctx = BuildContext(model=baseline.model, task=baseline.task, workdir=tmp_path, cache_dir=cache_dir("models"), num_threads=1)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TypeVar
 
 from sweeper.backends._base import Backend, BuildContext, LayerUnit
 from sweeper.backends.onnx.config import OnnxExportConfig
 from sweeper.backends.onnx.export import export_onnx, preflight_export
+from sweeper.backends.onnx.layers import module_path
 from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
     load_onnx_candidate,
@@ -34,10 +36,6 @@ class OrtBackend(Backend[OnnxConfigT]):
     def exclusion_units(self, ctx: BuildContext, config: OnnxConfigT) -> tuple[list[LayerUnit], list[str]]:
         """The layers with weights, each with its activation and Q/DQ nodes, named by the weight
         node (:mod:`sweeper.backends.onnx.layers`); and every quantizable node."""
-        import dataclasses
-
-        from sweeper.backends.onnx.layers import module_path
-
         nodes = self.quantizable_layers(ctx, config)
         units = onnx_layer_units(export_onnx(ctx, config), nodes)
         named = getattr(ctx.model, "named_modules", None)

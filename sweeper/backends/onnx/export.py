@@ -6,13 +6,19 @@ put through ONNX Runtime's quantization pre-processing (symbolic shape inference
 cleanup). It is cached in ``BuildContext.cache_dir``, keyed by the task, the model's weights, the
 export settings and the library versions, so that the many trials a machine runs export once.
 
-Every export is validated before use (:mod:`sweeper.backends.onnx.validation`).
+Every export is validated before use: ``onnx.checker`` runs while exporting; then the export's
+outputs on the task's example inputs (batch sizes 1 and 7, which exercises the dynamic batch axis)
+are compared with the original model's (PyTorch, or Keras for a tf2onnx export). The measured
+error is cached beside the ONNX file, since it depends only on the file and the model; each config
+compares it with its ``validate_atol``, so a trial with a mismatch fails with the maximum error in
+its row.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import shutil
 import tempfile
@@ -27,12 +33,20 @@ from sweeper.backends.onnx.config import (
     Exporter,
     OnnxExportConfig,
     OnnxExportError,
+    OnnxValidationError,
     describe_export,
 )
-from sweeper.backends.onnx.quiet import quiet
+from sweeper.backends.onnx.runtime import ORT_DTYPES, make_session, quiet
+from sweeper.backends.onnx.tf2onnx import (
+    export_keras,
+    is_keras_model,
+    keras_fingerprint,
+    keras_outputs,
+    tf2onnx_versions,
+)
 from sweeper.cache import cache_key, cached_file
 from sweeper.errors import ConfigError
-from sweeper.task import Task
+from sweeper.task import Batch, Task
 
 if TYPE_CHECKING:
     import onnx
@@ -44,8 +58,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
     A Keras model (a task exported with tf2onnx) is hashed by its config and weights instead.
     """
-    from sweeper.backends.onnx.tf2onnx import is_keras_model, keras_fingerprint
-
     if is_keras_model(model):
         return keras_fingerprint(model)
     import torch
@@ -88,8 +100,6 @@ def export_onnx(ctx: BuildContext, config: OnnxExportConfig | None = None, **fie
     if settings.simplify != "none":
         versions[settings.simplify] = _simplifier_version(settings.simplify)
     if settings.exporter == "tf2onnx":
-        from sweeper.backends.onnx.tf2onnx import tf2onnx_versions
-
         versions.update(tf2onnx_versions())
     key = cache_key(
         task=ctx.task.name,
@@ -102,8 +112,6 @@ def export_onnx(ctx: BuildContext, config: OnnxExportConfig | None = None, **fie
     simplified = "" if settings.simplify == "none" else f"-{settings.simplify}"
     name = f"{ctx.task.name}-{settings.exporter}-opset{settings.opset}{simplified}-{key}.onnx"
     path = cached_file(ctx.cache_dir / "onnx" / name, lambda tmp: _export_and_preprocess(ctx, settings, tmp))
-    from sweeper.backends.onnx.validation import check_export
-
     check_export(ctx, path, settings)
     return path
 
@@ -126,8 +134,6 @@ def _simplifier_version(simplify: str) -> str:
 def _export_and_preprocess(ctx: BuildContext, settings: OnnxExportConfig, out: Path) -> None:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from sweeper.backends.onnx.tf2onnx import is_keras_model
 
     task, opset, exporter = ctx.task, settings.opset, settings.exporter
     what = describe_export(task, settings)
@@ -190,8 +196,6 @@ def _simplify(model: onnx.ModelProto, simplify: str) -> onnx.ModelProto:
 
 def _run_exporter(model: torch.nn.Module, path: Path, task: Task, opset: int, exporter: Exporter) -> None:
     if exporter == "tf2onnx":
-        from sweeper.backends.onnx.tf2onnx import export_keras
-
         export_keras(model, task, opset, path)
         return
     import torch
@@ -259,3 +263,79 @@ def preflight_export(backend: str, ctx: BuildContext, config: OnnxExportConfig) 
             f"{exc}. Backend '{backend}' starts from this export: choose another exporter "
             "or opset for it in the space, or remove the ONNX-based backends"
         ) from None
+
+
+# Batch sizes of the example inputs an export is validated on: 1, and an odd size other than the
+# size of 2 it was exported with, so a batch axis frozen by the exporter shows up.
+VALIDATION_BATCH_SIZES = (1, 7)
+
+
+def check_export(ctx: BuildContext, path: Path, settings: OnnxExportConfig) -> None:
+    """Raise ``OnnxValidationError`` if the export at ``path`` is off by more than ``validate_atol``.
+
+    The measurement (maximum absolute error and output scale over the validation batch sizes) is
+    cached beside the file, since it depends only on the file and the model.
+    """
+    report_path = path.with_name(f"{path.stem}.validation.json")
+    if not report_path.is_file():
+        report = measure_export_error(ctx, path, settings)
+
+        def write_report(tmp: Path) -> None:
+            tmp.write_text(json.dumps(report))
+
+        cached_file(report_path, write_report)
+    report = json.loads(report_path.read_text())
+    error, scale = float(report["max_abs_error"]), float(report["output_scale"])
+    tolerance = settings.validate_atol * max(1.0, scale)
+    if not error <= tolerance:  # also true for NaN
+        raise OnnxValidationError(
+            f"the ONNX export of {describe_export(ctx.task, settings)} does not match the original model on "
+            f"the task's example inputs: maximum absolute error {error:.3g} (at batch size "
+            f"{report['worst_batch_size']}) exceeds validate_atol {settings.validate_atol:g} x output "
+            f"scale {max(1.0, scale):.3g} = {tolerance:.3g}"
+        )
+
+
+def measure_export_error(ctx: BuildContext, path: Path, settings: OnnxExportConfig) -> dict[str, float]:
+    """Compare the ONNX file's outputs with ``ctx.model``'s on the task's example inputs.
+
+    Returns:
+        ``max_abs_error`` (NaN outputs count as infinite), ``output_scale`` (the largest absolute
+        reference output) and ``worst_batch_size``.
+
+    Raises:
+        OnnxValidationError: when an output's shape differs from the model's.
+    """
+    session = make_session(path, ctx.num_threads)
+    dtypes = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    error, scale, worst = -1.0, 0.0, 0
+    for batch_size in VALIDATION_BATCH_SIZES:
+        batch = ctx.task.example_inputs(batch_size)
+        expected = reference_outputs(ctx.model, ctx.task, batch)
+        feeds = {name: np.asarray(batch[name], dtype=dtype) for name, dtype in dtypes.items()}
+        actual = np.asarray(session.run(None, feeds)[0], dtype=np.float64)
+        if actual.shape != expected.shape:
+            raise OnnxValidationError(
+                f"the ONNX export of {describe_export(ctx.task, settings)} gives outputs of shape {actual.shape} "
+                f"for a batch of {batch_size}, the original model {expected.shape}"
+            )
+        diff = np.abs(actual - expected)
+        batch_error = float(np.nanmax(diff)) if not np.isnan(diff).any() else float("inf")
+        if batch_error > error:
+            error, worst = batch_error, batch_size
+        scale = max(scale, float(np.max(np.abs(expected))))
+    return {"max_abs_error": error, "output_scale": scale, "worst_batch_size": worst}
+
+
+def reference_outputs(model: torch.nn.Module, task: Task, batch: Batch) -> np.ndarray:
+    """Return the original model's first output for ``batch`` as a float64 array."""
+    if is_keras_model(model):
+        return np.asarray(keras_outputs(model, task, batch), dtype=np.float64)
+    import torch
+
+    args = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in task.input_names]
+    with torch.inference_mode():
+        output = model(*args)
+    if isinstance(output, tuple | list):
+        output = output[0]
+    return output.detach().cpu().double().numpy()

@@ -6,7 +6,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -100,6 +100,6 @@ def load_state_dict(path: Path, *, allow_script_objects: bool = False) -> dict[s
 
     if not path.is_file():
         raise FileNotFoundError(f"no state dict artifact at '{path}'")
-    allowed = [torch.ScriptObject] if allow_script_objects else []
+    allowed: list[Any] = [torch.ScriptObject] if allow_script_objects else []
     with quiet_torch_quantization(), torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 from pydantic import field_validator
 
 from sweeper.backends._base import Backend, BackendConfig, BuildContext
+from sweeper.backends.torch.eager import torch_unavailable_reason
+from sweeper.backends.torch.jit import TorchScriptCandidate, load_torchscript
 from sweeper.errors import ConfigError, SweeperInputError, did_you_mean
 from sweeper.task import Task
 
 if TYPE_CHECKING:
     import torch
-    from torch.ao.quantization import QConfig
-
-    from sweeper.backends.torch.jit import TorchScriptCandidate
+    from torch.ao.quantization import QConfig, QConfigMapping
 
 Engine = Literal["x86", "fbgemm", "qnnpack", "onednn"]
 # Layer types FX static quantization turns into int8 modules with every engine here.
@@ -193,7 +193,7 @@ def weight_observer(per_channel: bool, *, fake_quant: bool = False) -> object:
     return observer.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
 
 
-def qconfig_mapping(qconfig: QConfig, excluded_layers: tuple[str, ...]) -> object:
+def qconfig_mapping(qconfig: QConfig, excluded_layers: tuple[str, ...]) -> QConfigMapping:
     """A ``QConfigMapping``: ``qconfig`` everywhere but the excluded layers, which get ``None``."""
     from torch.ao.quantization import QConfigMapping
 
@@ -235,8 +235,6 @@ class FxInt8Backend(Backend[Int8ConfigT]):
     exclusion_field: ClassVar[str] = "excluded_layers"
 
     def unavailable_reason(self) -> str | None:
-        from sweeper.backends.torch.eager import torch_unavailable_reason
-
         return torch_unavailable_reason()
 
     def quantizable_layers(self, ctx: BuildContext, config: Int8ConfigT) -> list[tuple[str, str]]:
@@ -248,7 +246,5 @@ class FxInt8Backend(Backend[Int8ConfigT]):
         model_layers(ctx.model, ctx.task, self.name)
 
     def load(self, artifact: Path, ctx: BuildContext, config: Int8ConfigT) -> TorchScriptCandidate:
-        from sweeper.backends.torch.jit import load_torchscript
-
         set_engine(config.engine, self.name)  # packed weights are re-packed for it on load
         return load_torchscript(artifact, ctx.task, ctx.num_threads)

@@ -1,0 +1,155 @@
+"""Layer sensitivity, as it runs inside Ray tasks: list a backend's exclusion units, then score
+each unit quantized alone against the FP32 outputs (see :mod:`sweeper.sensitivity` for the
+driver side: chunks, cached tables, the ranking).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sweeper.backends import get_backend
+from sweeper.errors import ConfigError, SweeperInputError
+from sweeper.spec import TaskRef
+from sweeper.task import load_task
+from sweeper.worker import Baseline, build_context, evaluate, prepare_baseline, set_threads
+
+
+def _exclusion_field(backend: str) -> str:
+    field = get_backend(backend).exclusion_field
+    if field is None:
+        raise ConfigError(f"backend '{backend}' cannot leave layers in float, so its layers have no sensitivity")
+    return field
+
+
+# Error text kept per row.
+MAX_ERROR_CHARS = 600
+
+
+def output_error(reference: np.ndarray, outputs: np.ndarray) -> float:
+    """Normalised squared error of ``outputs`` against ``reference`` (0 is identical)."""
+    ref = reference.astype(np.float64)
+    denom = float(np.sum(ref * ref)) or 1.0
+    return float(np.sum((outputs.astype(np.float64) - ref) ** 2) / denom)
+
+
+def sqnr_db(error: float) -> float:
+    """Signal-to-quantization-noise ratio in dB from a normalised squared error."""
+    if math.isnan(error):
+        return math.nan
+    return math.inf if error <= 0 else -10.0 * math.log10(error)
+
+
+def describe_error(exc: BaseException) -> str:
+    """The innermost cause of ``exc`` as ``Type: message``, shortened (backends wrap ORT's errors)."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+        exc = exc.__cause__
+        seen.add(id(exc))
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+    """What a unit's outputs are compared with: the FP32 model's outputs on the evaluation split."""
+
+    task: Any
+    model: Any
+    outputs: np.ndarray
+    labels: np.ndarray
+
+
+@functools.cache
+def _task_and_model(task_ref: TaskRef) -> tuple[Any, Any]:
+    task = load_task(task_ref.path, task_ref.attr)
+    return task, task.build_model().eval()
+
+
+def _context(
+    task_ref: TaskRef, eval_batch_size: int, num_threads: int, workdir: str, reference: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    """The FP32 reference and a build context. With ``reference`` (the FP32 outputs and labels the
+    listing task computed) the FP32 model is not evaluated again in this process."""
+    set_threads(num_threads)
+    baseline: Baseline | _Reference
+    if reference is None:
+        baseline = prepare_baseline(task_ref, eval_batch_size)
+    else:
+        task, model = _task_and_model(task_ref)
+        baseline = _Reference(task=task, model=model, outputs=reference["outputs"], labels=reference["labels"])
+    ctx = build_context(baseline.model, baseline.task, Path(workdir), num_threads)
+    return baseline, ctx
+
+
+def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int) -> tuple[float, float]:
+    candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
+    outputs, _ = evaluate(candidate.predict, baseline.task, eval_batch_size)
+    return baseline.task.metric(outputs, baseline.labels), output_error(baseline.outputs, outputs)
+
+
+def list_layers(
+    task_ref: TaskRef, backend: str, params: dict[str, Any], eval_batch_size: int, num_threads: int
+) -> dict[str, Any]:
+    """The exclusion units, every excludable name, and the FP32 and fully quantized figures (a Ray
+    task body). A fully quantized model that fails to build leaves its figures NaN, with ``full_failure``."""
+    impl = get_backend(backend)
+    field = _exclusion_field(backend)
+    with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
+        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir)
+        units, names = impl.exclusion_units(ctx, impl.config(params))
+        full_failure = None
+        try:
+            full_metric, full_error = _score(
+                baseline, ctx, backend, {**params, field: ()}, eval_batch_size
+            )
+        except SweeperInputError:
+            raise  # a config or task problem (too many calibration samples, say) fails every layer alike
+        except Exception as exc:  # recorded; each unit is still scored on its own
+            full_metric, full_error, full_failure = math.nan, math.nan, describe_error(exc)
+    return {
+        "units": [dataclasses.asdict(u) for u in units],
+        "names": list(names),
+        "metric_fp32": baseline.metric,
+        "higher_is_better": baseline.task.higher_is_better,
+        "full_metric": full_metric,
+        "full_error": full_error,
+        "full_failure": full_failure,
+        "reference": {"outputs": baseline.outputs, "labels": baseline.labels},
+    }
+
+
+def score_layers(
+    task_ref: TaskRef,
+    backend: str,
+    params: dict[str, Any],
+    units: list[dict[str, Any]],
+    names: list[str],
+    eval_batch_size: int,
+    num_threads: int,
+    reference: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Quantize each of ``units`` alone (every other name of ``names`` excluded) and score it (a
+    Ray task body). A unit that raises gets NaN scores and its ``error``. ``reference``:
+    :func:`list_layers`'s, so that the FP32 model is not evaluated again here."""
+    field = _exclusion_field(backend)
+    scored = []
+    with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
+        baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
+        for unit in units:
+            members = set(unit["members"]) | {unit["name"]}
+            others = tuple(n for n in names if n not in members)
+            try:
+                metric, error = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size)
+                scored.append({"layer": unit["name"], "metric": metric, "output_error": error, "error": None})
+            except Exception as exc:  # one unit that cannot be scored never ends the ranking
+                scored.append(
+                    {"layer": unit["name"], "metric": math.nan, "output_error": math.nan, "error": describe_error(exc)}
+                )
+    return scored
