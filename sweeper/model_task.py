@@ -78,10 +78,12 @@ class ModelTask(Task):
         higher_is_better: bool = True,
         input_names: tuple[str, ...] | None = None,
     ) -> None:
-        self.name = name  # type: ignore[misc]  # an instance attribute here, a ClassVar in subclasses
+        # Instance attributes here; the Task contract declares them as class attributes.
+        self.name = name  # type: ignore[misc]
         self._model = model
         self._metric = metric
-        self.metric_name = metric_name or (getattr(metric, "__name__", "metric") if metric else "top1_accuracy_pct")  # type: ignore[misc]
+        default_name = str(getattr(metric, "__name__", "metric")) if metric is not None else "top1_accuracy_pct"
+        self.metric_name = metric_name or default_name  # type: ignore[misc]
         self.higher_is_better = higher_is_better  # type: ignore[misc]
         self._calibration = _split(calibration, "calibration", input_names, labelled=False)
         self.input_names = tuple(self._calibration.inputs)  # type: ignore[misc]
@@ -133,7 +135,9 @@ def _split(data: Any, what: str, input_names: tuple[str, ...] | None, *, labelle
     if labels is not None:
         lengths["labels"] = len(labels)
     if len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
-        raise TaskError(f"the {what} split needs the same number (at least one) of every input and label, got {lengths}")
+        raise TaskError(
+            f"the {what} split needs the same number (at least one) of every input and label, got {lengths}"
+        )
     if labelled and labels is None:
         raise TaskError(f"the {what} split needs labels: give (inputs, labels), or a Dataset of (inputs, label) items")
     return _Split(named, None if labels is None else np.asarray(labels))
@@ -153,7 +157,9 @@ def _from_torch(data: Any) -> tuple[Any, Any]:
     """Concatenate what a Dataset or DataLoader yields: ``(inputs, label)`` pairs or inputs alone."""
     import torch
 
-    loader = data if isinstance(data, torch.utils.data.DataLoader) else torch.utils.data.DataLoader(data, batch_size=256)
+    loader = data
+    if not isinstance(data, torch.utils.data.DataLoader):
+        loader = torch.utils.data.DataLoader(data, batch_size=256)
     xs: list[Any] = []
     ys: list[np.ndarray] = []
     for item in loader:

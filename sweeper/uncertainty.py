@@ -96,7 +96,8 @@ def latency_ratio_interval(
     a = np.asarray(a_ms, dtype=float)
     b = np.asarray(b_ms, dtype=float)
     rng = np.random.default_rng(seed)
-    ratios = np.median(rng.choice(a, (resamples, len(a))), axis=1) / np.median(rng.choice(b, (resamples, len(b))), axis=1)
+    a_medians = np.median(rng.choice(a, (resamples, len(a))), axis=1)
+    ratios = a_medians / np.median(rng.choice(b, (resamples, len(b))), axis=1)
     tail = (1.0 - confidence) / 2.0
     return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1.0 - tail))
 
