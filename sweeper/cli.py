@@ -131,6 +131,19 @@ def _warn_if_ephemeral(out: str) -> None:
     ), soft_wrap=True)
 
 
+def _runtime_name(row: Any) -> str:
+    """What the FP32 baseline ran on, as the row records it (older rows: PyTorch)."""
+    runtime = getattr(row, "baseline_runtime", None)
+    return "Keras" if runtime == "keras" else "PyTorch"
+
+
+def _drop_interval(row: Any) -> str:
+    low, high = getattr(row, "accuracy_drop_low", None), getattr(row, "accuracy_drop_high", None)
+    if low is None or high is None or low != low or high != high:  # missing or NaN
+        return ""
+    return f", 95 % interval {low:.2f}..{high:.2f}"
+
+
 def _check_task(ref: str, space: Any = None) -> Path:
     """Find the task (the one lookup every command shares) and load it here, before Ray starts
     or any folder is made; check the space's accuracy budget against its metric."""
@@ -245,8 +258,8 @@ def _print_summary(df: Any, objective: str, *, maximise: bool | None = None, sho
     line = Text("Best feasible: ", style="bold green")
     line.append(
         f"trial {top.trial_number} {top.backend}: {top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x "
-        f"vs FP32 PyTorch, accuracy drop {top.accuracy_drop:.2f} ({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}), "
-        f"size {top.size_bytes / 1e3:.1f} kB",
+        f"vs FP32 {_runtime_name(top)}, accuracy drop {top.accuracy_drop:.2f} "
+        f"({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}){_drop_interval(top)}, size {top.size_bytes / 1e3:.1f} kB",
         style="default",
     )
     if objective not in ("latency_ms_p50", "speedup", "accuracy_drop", "accuracy", "size_bytes"):

@@ -119,6 +119,9 @@ class ModelTask(Task):
     def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
         return float(self._metric(outputs, labels)) if self._metric is not None else super().metric(outputs, labels)
 
+    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        return None if self._metric is not None else np.asarray(np.argmax(outputs, axis=-1) == labels)
+
 
 def _labelled(split: _Split, batch_size: int, rows: np.ndarray | None) -> Iterator[LabeledBatch]:
     assert split.labels is not None

@@ -32,7 +32,9 @@ from sweeper.spec import VERSIONED_PACKAGES
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions whose studies this one resumes: version 2 only added columns (older rows read them as missing).
+RESUMABLE_SCHEMA_VERSIONS = (1, 2)
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -65,6 +67,11 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ),
     ("subset_accuracy_fp32", pa.float64(), "FP32 metric on that share"),
     ("subset_samples", pa.int64(), "samples in that share"),
+    ("eval_samples", pa.int64(), "evaluation samples the accuracy was measured on"),
+    ("discordant_worse", pa.int64(), "evaluation samples FP32 classifies right and the candidate wrong (top-1 tasks)"),
+    ("discordant_better", pa.int64(), "evaluation samples the candidate classifies right and FP32 wrong (top-1 tasks)"),
+    ("accuracy_drop_low", pa.float64(), "lower end of the drop's 95 % interval (exact, from the discordant counts)"),
+    ("accuracy_drop_high", pa.float64(), "upper end of the drop's 95 % interval"),
     ("excluded_layers", pa.list_(pa.string()), "layers left in float (the backend's exclusion field)"),
     ("n_excluded", pa.int32(), "number of excluded layers"),
     ("agreement", pa.float64(), "percent of evaluation samples with the FP32 model's top-1 class"),
@@ -75,9 +82,12 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("latency_ms_mean", pa.float64(), "candidate latency per call, mean"),
     ("latency_ms_std", pa.float64(), "candidate latency per call, standard deviation"),
     ("latency_runs", pa.int64(), "timed calls of the candidate"),
-    ("baseline_latency_ms_p50", pa.float64(), "FP32 PyTorch latency, median, timed interleaved with the candidate"),
-    ("baseline_latency_ms_p90", pa.float64(), "FP32 PyTorch latency, 90th percentile"),
+    ("baseline_latency_ms_p50", pa.float64(), "FP32 baseline latency, median, timed interleaved with the candidate"),
+    ("baseline_latency_ms_p90", pa.float64(), "FP32 baseline latency, 90th percentile"),
     ("speedup", pa.float64(), "baseline_latency_ms_p50 / latency_ms_p50"),
+    ("baseline_runtime", pa.string(), "what the FP32 baseline ran on: pytorch (eager) or keras"),
+    ("timing_wait_s", pa.float64(), "seconds the trial waited for the machine's timing lock"),
+    ("concurrent_timings", pa.int32(), "other timed phases on the machine overlapping this one (0 by construction)"),
     ("size_bytes", pa.int64(), "bytes of the saved artifact"),
     ("baseline_size_bytes", pa.int64(), "bytes of the FP32 state dict"),
     ("num_threads", pa.int32(), "CPU threads the trial used"),

@@ -13,6 +13,7 @@ from sweeper.measure import accuracy_drop
 from sweeper.results import COLUMN_NAMES
 from sweeper.space import Space
 from sweeper.spec import VERSIONED_PACKAGES, Environment, FP32Baseline, LatencyStats, TrialResult, TrialSpec
+from sweeper.uncertainty import DropCounts, drop_interval
 
 # Error text of trials a stopped driver left running. They are asked again on resume and do not
 # count toward the study's trial budget.
@@ -103,6 +104,18 @@ def _judged(space: Space, result: TrialResult, baseline: FP32Baseline) -> dict[s
         )
         row["accuracy_drop"] = drop
         row["feasible"] = result.state == "complete" and drop <= space.constraint.max_drop
+        row |= _drop_interval(space, result, baseline)
     if result.baseline_latency is not None and result.latency is not None and result.latency.p50 > 0:
         row["speedup"] = result.baseline_latency.p50 / result.latency.p50
     return row
+
+
+def _drop_interval(space: Space, result: TrialResult, baseline: FP32Baseline) -> dict[str, Any]:
+    """The drop's 95 % interval from the discordant counts, in the constraint's mode."""
+    if result.discordant_worse is None or result.discordant_better is None or not result.eval_samples:
+        return {}
+    counts = DropCounts(n=result.eval_samples, worse=result.discordant_worse, better=result.discordant_better)
+    low, high = drop_interval(counts)
+    if space.constraint.mode == "relative":  # points to percent of the FP32 metric
+        low, high = (100.0 * v / abs(baseline.metric) if baseline.metric else float("nan") for v in (low, high))
+    return {"accuracy_drop_low": low, "accuracy_drop_high": high}

@@ -125,6 +125,17 @@ class TrialResult:
     num_threads: int | None = None
     batch_size: int | None = None
     artifact_path: str | None = None
+    # What the FP32 baseline ran on ("pytorch" eager, or "keras" for a Keras task).
+    baseline_runtime: str | None = None
+    # The timed phase held the machine's timing lock: how long it waited, and how many other timed
+    # phases overlapped it (0 by construction, counted from the machine's ledger).
+    timing_wait_s: float | None = None
+    concurrent_timings: int | None = None
+    # The paired counts behind the drop (top-1 tasks): samples scored, and those FP32 got right and
+    # the candidate wrong (worse) or the other way round (better).
+    eval_samples: int | None = None
+    discordant_worse: int | None = None
+    discordant_better: int | None = None
     # An artifact travelling home with the result: its name, and its files (relative path -> bytes).
     artifact_name: str | None = None
     artifact_files: dict[str, bytes] | None = None
@@ -147,6 +158,7 @@ class FP32Baseline:
     metric: float
     metric_name: str = ""
     higher_is_better: bool = True
+    runtime: str = "pytorch"
     size_bytes: int | None = None
     calibration_size: int | None = None
     eval_samples: int | None = None

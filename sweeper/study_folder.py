@@ -68,7 +68,7 @@ def _check_resumable(study_dir: StudyPath, study: str) -> None:
             "Run without --resume to start it, or give the --out and --study of an existing study."
         )
     info = results.read_study_info(study_dir) or {}
-    if info.get("schema_version") != results.SCHEMA_VERSION:
+    if info.get("schema_version") not in results.RESUMABLE_SCHEMA_VERSIONS:
         raise SweeperInputError(
             f"'{study_dir}' holds a study of results schema {info.get('schema_version')!r}; this "
             f"sweeper writes schema {results.SCHEMA_VERSION} and cannot resume it. Start a new study."

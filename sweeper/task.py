@@ -102,6 +102,14 @@ class Task(ABC):
         """Top-1 accuracy in percent of ``outputs`` (logits, batch-first) against ``labels``."""
         return float(np.mean(np.argmax(outputs, axis=-1) == labels) * 100.0)
 
+    def correct(self, outputs: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """Which samples the outputs classify right, when the metric is their share (top-1
+        accuracy): the drop's interval and the pruning test rest on it. ``None`` for a task whose
+        metric is something else."""
+        if type(self).metric is not Task.metric:
+            return None
+        return np.asarray(np.argmax(outputs, axis=-1) == labels)
+
 
 # Task methods whose ``batch_size`` (and, for calibration, ``n``) the base class checks.
 CHECKED_METHODS = ("example_inputs", "calibration_batches", "eval_batches", "train_batches")

@@ -17,11 +17,12 @@ from typing import Any
 import numpy as np
 
 from sweeper.backends import get_backend
-from sweeper.backends.torch.eager import TorchCandidate
 from sweeper.location import is_uri, location
 from sweeper.measure import accuracy_drop, agreement_pct, max_abs_error, time_interleaved
 from sweeper.spec import Outcome, TrialResult, TrialSpec
-from sweeper.worker import Baseline, build_context, environment, prepare_baseline, set_threads
+from sweeper.timing_lock import exclusive_timing
+from sweeper.uncertainty import DropCounts
+from sweeper.worker import Baseline, build_context, environment, fp32_candidate, prepare_baseline, set_threads
 
 
 def run_trial_with_ledger(spec: TrialSpec, ledger: Any) -> TrialResult:
@@ -77,17 +78,32 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> Outcome:
         measured["accuracy"] = task.metric(outputs, baseline.labels)
         measured["agreement"] = agreement_pct(baseline.outputs, outputs)
         measured["output_max_abs_error"] = max_abs_error(baseline.outputs, outputs)
+        measured |= _drop_counts(task, baseline, outputs)
 
         example = task.example_inputs(spec.measure.batch_size)
-        fp32 = TorchCandidate(baseline.model, task.input_names, spec.num_threads)
-        base_stats, cand_stats = time_interleaved(
-            lambda: fp32.predict(example),
-            lambda: candidate.predict(example),
-            spec.measure,
-        )
+        fp32 = fp32_candidate(baseline.model, task, spec.num_threads)
+        measured["baseline_runtime"] = baseline.runtime
+        # Builds and evaluations of other trials on this machine may overlap; timed phases may not.
+        with exclusive_timing() as phase:
+            base_stats, cand_stats = time_interleaved(
+                lambda: fp32.predict(example),
+                lambda: candidate.predict(example),
+                spec.measure,
+            )
+        measured |= {"timing_wait_s": phase.wait_s, "concurrent_timings": phase.concurrent}
         measured["latency"] = cand_stats
         measured["baseline_latency"] = base_stats
     return "complete"
+
+
+def _drop_counts(task: Any, baseline: Baseline, outputs: np.ndarray) -> dict[str, Any]:
+    """The evaluation size and, for a top-1 task, the discordant counts the drop rests on."""
+    counts: dict[str, Any] = {"eval_samples": int(len(baseline.labels))}
+    fp32_correct = task.correct(baseline.outputs, baseline.labels)
+    if fp32_correct is not None:
+        paired = DropCounts.from_predictions(fp32_correct, task.correct(outputs, baseline.labels))
+        counts |= {"discordant_worse": paired.worse, "discordant_better": paired.better}
+    return counts
 
 
 # Artifacts up to this size travel home with the result, through Ray's object store.

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.backends import BuildContext, get_backend
+from sweeper.backends import BuildContext, Candidate, get_backend
+from sweeper.backends.onnx.tf2onnx import KerasCandidate, is_keras_model, keras_weights_bytes
 from sweeper.backends.torch.eager import TorchCandidate
 from sweeper.cache import cache_dir
 from sweeper.spec import VERSIONED_PACKAGES, Environment, FP32Baseline, MeasureSettings, TaskRef
@@ -30,7 +31,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The FP32 model of a task and what it gives on the evaluation split."""
+    """The FP32 model of a task and what it gives on the evaluation split.
+
+    ``runtime`` says what runs it: ``"pytorch"`` (eager) for a torch model, ``"keras"`` for a
+    Keras one (a task whose ONNX backends export it with tf2onnx).
+    """
 
     task: Task
     model: torch.nn.Module
@@ -38,6 +43,25 @@ class Baseline:
     labels: np.ndarray
     metric: float
     size_bytes: int
+    runtime: str = "pytorch"
+
+
+def fp32_candidate(model: Any, task: Task, num_threads: int) -> Candidate:
+    """The FP32 model as a candidate in its own framework: PyTorch eager, or Keras."""
+    if is_keras_model(model):
+        return KerasCandidate(model, task)
+    return TorchCandidate(model, task.input_names, num_threads)
+
+
+def _state_bytes(model: Any) -> int:
+    """Bytes of the FP32 weights: the torch state dict as saved, or the Keras weights."""
+    if is_keras_model(model):
+        return keras_weights_bytes(model)
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
 
 
 def build_context(
@@ -66,18 +90,19 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
     import torch
 
     task = load_task(task_ref.path, task_ref.attr)
-    model = task.build_model().eval()
-    fp32 = TorchCandidate(model, task.input_names, torch.get_num_threads())
+    model = task.build_model()
+    if not is_keras_model(model):
+        model = model.eval()
+    fp32 = fp32_candidate(model, task, torch.get_num_threads())
     outputs, labels = evaluate(fp32.predict, task, eval_batch_size)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
     return Baseline(
         task=task,
         model=model,
         outputs=outputs,
         labels=labels,
         metric=task.metric(outputs, labels),
-        size_bytes=buffer.getbuffer().nbytes,
+        size_bytes=_state_bytes(model),
+        runtime="keras" if is_keras_model(model) else "pytorch",
     )
 
 
@@ -102,6 +127,7 @@ def baseline_summary(
         metric=baseline.metric,
         metric_name=baseline.task.metric_name,
         higher_is_better=baseline.task.higher_is_better,
+        runtime=baseline.runtime,
         size_bytes=baseline.size_bytes,
         calibration_size=baseline.task.calibration_size,
         eval_samples=int(baseline.labels.shape[0]),
