@@ -13,6 +13,9 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it (imported when the name is first used).
 _PUBLIC = {
+    "run": "sweeper.api",
+    "open_study": "sweeper.api",
+    "Study": "sweeper.api",
     "ModelTask": "sweeper.model_task",
     "load": "sweeper.results",
 }

@@ -22,6 +22,7 @@ allowed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -149,6 +150,8 @@ class Space:
     backends: dict[str, dict[str, Param]]
     backend_targets: dict[str, str]
     exclusions: dict[str, ExclusionSearch]
+    # The space as YAML text (the file's, or a dict's dump), kept in study.json.
+    text: str = ""
 
     @property
     def task(self) -> str:
@@ -195,17 +198,28 @@ class Space:
         return self.targets[self.backend_targets[backend]]
 
 
-def load_space(path: str | Path) -> Space:
-    """Read and validate a search-space file.
+# What a space given as a dict is called in messages (and its default study name).
+DICT_SPACE = Path("space")
+
+
+def load_space(source: str | Path | Mapping[str, Any]) -> Space:
+    """Read and validate a search-space file, or a space given as a dict (the same keys).
+
+    A dict space is named ``space`` in messages; its task names are looked up from the current
+    folder, as for a file there.
 
     Raises:
         ConfigError: naming the file, the key, and what is allowed.
     """
-    path = Path(path)
+    if isinstance(source, Mapping):
+        raw = dict(source)
+        return parse_space(raw, DICT_SPACE, yaml.safe_dump(raw, sort_keys=False))
+    path = Path(source)
     if not path.is_file():
         raise ConfigError(f"search space file '{path}' does not exist")
+    text = path.read_text()
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
     except _DuplicateKey as exc:
         raise ConfigError(
             f"{path}: key '{exc.key}' is given twice, at line {exc.first} and line {exc.second}; "
@@ -216,6 +230,15 @@ def load_space(path: str | Path) -> Space:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_space(raw, path, text)
+
+
+def parse_space(raw: Any, path: Path, text: str) -> Space:
+    """Validate a space's parsed YAML (``raw``); ``path`` names it in messages.
+
+    Raises:
+        ConfigError: naming the file, the key, and what is allowed.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with keys such as task, constraint, backends")
     try:
@@ -244,6 +267,7 @@ def load_space(path: str | Path) -> Space:
         backends=backends,
         backend_targets=backend_targets,
         exclusions=exclusions,
+        text=text,
     )
 
 

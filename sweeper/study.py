@@ -336,7 +336,7 @@ def _study_info(
         task=task_ref.name,
         task_path=task_ref.path,
         space_path=str(space.path.resolve()),
-        space=space.path.read_text(),
+        space=space.text or space.path.read_text(),
         baseline=baseline,
     )
     results.write_study_info(study_dir, info.to_json())
