@@ -83,13 +83,14 @@ def _command(fn: Any) -> Any:
 def run(
     space_file: Annotated[Path, typer.Argument(help="search space YAML file", metavar="SPACE")],
     task: Annotated[str | None, typer.Option(help="task name or .py file (overrides the space's); a name is looked up in ./tasks, then tasks/ beside the space file, then tasks/ in the folder above it")] = None,
-    trials: Annotated[int | None, typer.Option(min=1, help="trials to run in total (overrides the space's)")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="distinct configurations to measure in total (overrides the space's); a repeated proposal is answered from its stored result and not counted")] = None,
     out: Annotated[str, typer.Option(help="results folder or URI (s3://, gs://, abfs://, file://); the study goes in OUT/STUDY")] = "results",
     study: Annotated[str | None, typer.Option(help="study name (default: the space's, else its file name)")] = None,
     storage: Annotated[str | None, typer.Option(help="Optuna RDB URL for the study (postgresql://USER@HOST/DB, sqlite:///FILE); default: a journal file beside the rows")] = None,
     max_concurrent: Annotated[int | None, typer.Option(min=1, help="trials in flight at once")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join ('auto', 'ray://host:10001'); default: embedded local Ray")] = None,
     resume: Annotated[bool, typer.Option(help="continue an existing study")] = False,
+    force: Annotated[bool, typer.Option(help="with --resume: accept a space that changed since the study began")] = False,
     seed: Annotated[int | None, typer.Option(help="sampler seed")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks and Ray worker logs")] = False,
 ) -> None:
@@ -99,7 +100,7 @@ def run(
         _check_task(task or space.task, space)
         options = SweepOptions(
             out=out, study=study, storage=storage, task=task, trials=trials, max_concurrent=max_concurrent,
-            seed=seed, address=address, resume=resume, debug=debug,
+            seed=seed, address=address, resume=resume, force=force, debug=debug,
         )
         _warn_if_ephemeral(out)
         with SweepProgress(console, space.objective) as progress:
@@ -114,6 +115,11 @@ def run(
         raise typer.Exit(exc.exit_code) from None
     df = results.load(summary.study_dir)
     console.print(Text(f"Study folder: {summary.study_dir}  (wall time {summary.wall_time_s:.1f} s)"))
+    console.print(Text(
+        f"{views.plural(summary.distinct, 'distinct configuration')} measured; "
+        f"{views.plural(summary.repeats, 'repeat proposal')} answered from stored results"
+        + ("; the sampler found no new configuration to try: the space looks exhausted" if summary.exhausted else "")
+    ))
     if not _print_summary(df, space.objective):
         raise typer.Exit(NOTHING_FEASIBLE)
 
@@ -312,9 +318,9 @@ def sensitivity(
         table.head(max(20, failed)), console,
         f"{task_path.stem} / {backend}: most sensitive first (quantizing only that layer)",
     ))
-    if failed:
-        console.print(Text(f"{views.plural(failed, 'layer')} could not be scored and rank as most sensitive "
-                           "(kept in float first); the table's error column says why.", style="yellow"))
+    for r in table[table["error"].notna()].itertuples() if failed else ():
+        console.print(Text(f"{r.layer} could not be scored (ranked as most sensitive): {r.error}", style="yellow"),
+                      soft_wrap=True)
     first = table.iloc[0]
     full = (f"drop {first.full_metric_drop:.2f}, output error {first.full_output_error:.2e}"
             if first.full_output_error == first.full_output_error else "failed to build")

@@ -18,11 +18,13 @@ from sweeper.uncertainty import DropCounts, drop_interval
 # Error text of trials a stopped driver left running. They are asked again on resume and do not
 # count toward the study's trial budget.
 INTERRUPTED = "interrupted:"
+# Error text of configurations their backend rejected before any build; they use up no budget.
+REJECTED = "rejected:"
 
 
 def counts_toward_budget(row: dict[str, Any]) -> bool:
-    """Whether a row uses up one of the study's trials (interrupted trials do not)."""
-    return not (row["state"] == "failed" and (row.get("error") or "").startswith(INTERRUPTED))
+    """Whether a row uses up one of the study's trials (interrupted and rejected ones do not)."""
+    return not (row["state"] == "failed" and (row.get("error") or "").startswith((INTERRUPTED, REJECTED)))
 
 
 def _exclusion_field(backend: str) -> str | None:

@@ -6,8 +6,6 @@ Only this module talks to Optuna. Workers receive a :class:`~sweeper.spec.TrialS
 
 from __future__ import annotations
 
-import dataclasses
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,18 +15,18 @@ from typing import Any
 from sweeper import results, study_folder
 from sweeper.backends import get_backend
 from sweeper.cluster import cluster_cpus, connect, worker_launch
-from sweeper.dispatch import Dispatcher
 from sweeper.errors import ConfigError, SweeperInputError, TaskError
-from sweeper.events import EventHandler, SweepStarted, TrialFinished, TrialRecovered, TrialStarted, ignore
+from sweeper.events import EventHandler, SweepStarted, TrialRecovered, ignore
 from sweeper.exclusion import warm_start_ladder
 from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
+from sweeper.repeats import Measured
 from sweeper.rows import INTERRUPTED, counts_toward_budget, make_row
-from sweeper.sampling import suggest
+from sweeper.running_study import RunningStudy, run_trials
 from sweeper.sensitivity import study_rankings
 from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
-from sweeper.spec import FP32Baseline, StudyInfo, TaskRef, TrialResult, TrialSpec, failed_result
+from sweeper.spec import FP32Baseline, StudyInfo, TaskRef, failed_result
 from sweeper.task import check_task_file, find_task_file, task_search_dirs
 from sweeper.worker import baseline_summary
 
@@ -46,15 +44,23 @@ class SweepOptions:
     seed: int | None = None
     address: str | None = None
     resume: bool = False
+    # Resume although the space changed since the study began.
+    force: bool = False
     debug: bool = False
     task_dirs: tuple[Path, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
 class SweepSummary:
+    """What a sweep did: rows written, distinct configurations measured in the study, repeat
+    proposals answered from stored results, and whether the sampler ran out of new ones."""
+
     study_dir: StudyPath
     rows_written: int
     wall_time_s: float
+    distinct: int = 0
+    repeats: int = 0
+    exhausted: bool = False
 
 
 def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None = None) -> SweepSummary:
@@ -108,24 +114,29 @@ def _sweep(
 ) -> SweepSummary:
     study_name = options.study or space.study
     n_trials = options.trials or space.trials
+    rows = _existing_rows(study_dir)
+    done = sum(1 for r in rows if counts_toward_budget(r))
     seed = options.seed if options.seed is not None else space.seed
+    # A resumed study continues its sampler's stream instead of replaying its first proposals.
+    seed = None if seed is None else seed + done
     study = _open_study(study_name, study_dir, options.storage, seed, n_trials)
-    run = _RunningStudy(space=space, study_name=study_name, study_dir=study_dir, task_ref=task_ref, baseline=baseline,
-                        emit=emit, rankings=rankings, storage_url=options.storage)
+    run = RunningStudy(space=space, study_name=study_name, study_dir=study_dir, task_ref=task_ref, baseline=baseline,
+                       emit=emit, rankings=rankings, storage_url=options.storage, seed=seed)
     _recover_interrupted(study, run)
     if not study.trials:
         for backend, search in space.exclusions.items():
             for params in warm_start_ladder(backend, search):
                 study.enqueue_trial(params)
-    done = sum(1 for r in _existing_rows(study_dir) if counts_toward_budget(r))
+    measured = Measured.from_rows(rows, counts_toward_budget)
     remaining = max(0, n_trials - done)
     max_concurrent = options.max_concurrent or space.max_concurrent
     if max_concurrent is None:
         max_concurrent = max(1, cluster_cpus() // min(t.num_cpus for t in space.targets.values()))
     emit(SweepStarted(study=study_name, study_dir=str(study_dir), trials=remaining, done=done,
                       max_concurrent=max_concurrent, accuracy_fp32=baseline.metric))
-    written = _loop(study, run, remaining, max_concurrent, stop)
-    return SweepSummary(study_dir=study_dir, rows_written=written, wall_time_s=time.time() - started)
+    written = run_trials(study, run, remaining, max_concurrent, stop, measured)
+    return SweepSummary(study_dir=study_dir, rows_written=written, wall_time_s=time.time() - started,
+                        distinct=len(measured.rows), repeats=measured.repeats, exhausted=measured.exhausted)
 
 
 def _open_study(study_name: str, study_dir: StudyPath, storage_url: str | None, seed: int | None, n_trials: int) -> Any:
@@ -149,138 +160,11 @@ def _open_study(study_name: str, study_dir: StudyPath, storage_url: str | None, 
     )
 
 
-@dataclass
-class _RunningStudy:
-    """What the driver's loop needs of the study it runs: the space, where rows go, the FP32
-    baseline, the sensitivity rankings, and where progress events go."""
-
-    space: Space
-    study_name: str
-    study_dir: StudyPath
-    task_ref: TaskRef
-    baseline: FP32Baseline
-    emit: EventHandler
-    rankings: dict[str, list[str]]
-    storage_url: str | None = None
-
-    def prune_above_drop(self) -> float | None:
-        """The subset drop (metric units) beyond which a trial is pruned, if early stopping is on."""
-        early = self.space.early_stop
-        if early is None:
-            return None
-        limit = self.space.constraint.max_drop + early.margin
-        if self.space.constraint.mode == "relative":
-            limit = limit / 100.0 * abs(self.baseline.metric)
-        return limit
-
-    def spec(self, trial_number: int, backend: str, params: dict[str, Any]) -> TrialSpec:
-        target = self.space.backend_targets.get(backend, next(iter(self.space.targets)))
-        return TrialSpec(
-            study=self.study_name,
-            trial_number=trial_number,
-            task=self.task_ref,
-            backend=backend,
-            params=params,
-            measure=self.space.measure,
-            num_threads=self.space.targets[target].num_cpus,
-            artifact_dir=str(study_folder.artifact_dir(self.study_dir, trial_number)),
-            target=target,
-            device="cuda" if self.space.targets[target].kind == "gpu" else "cpu",
-            early_stop_fraction=self.space.early_stop.fraction if self.space.early_stop else None,
-            prune_above_drop=self.prune_above_drop(),
-        )
-
-    def tell(self, study: Any, trial: Any, row: dict[str, Any]) -> None:
-        """Tell Optuna a trial's outcome from its row: the objective and the accuracy constraint
-        (``accuracy_drop - max_drop``, feasible when <= 0) of a complete trial, else its state."""
-        from optuna.trial import TrialState
-
-        if row["state"] == "complete":
-            trial.set_constraint("accuracy_drop", row["accuracy_drop"] - self.space.constraint.max_drop)
-            study.tell(trial, row[self.space.objective])
-        else:
-            study.tell(trial, state=TrialState.PRUNED if row["state"] == "pruned" else TrialState.FAIL)
-
-    def record(self, study: Any, trial: Any, spec: TrialSpec, result: TrialResult) -> dict[str, Any]:
-        """Write the trial's row, then tell Optuna: a crash in between loses nothing (see resume)."""
-        if result.artifact_files is not None and result.artifact_name is not None:
-            path = study_folder.write_artifact(
-                self.study_dir, spec.trial_number, result.artifact_name, result.artifact_files
-            )
-            result = dataclasses.replace(result, artifact_files=None, artifact_path=path)
-        row = make_row(self.space, spec, result, self.baseline)
-        results.write_row(self.study_dir, row)
-        self.tell(study, trial, row)
-        study_folder.mirror_journal(self.study_dir, self.storage_url)
-        self.emit(TrialFinished(row=row))
-        return row
-
-    def interrupt(self, study: Any, trial: Any, spec: TrialSpec, why: str) -> None:
-        """Record a trial that was cancelled before it finished and queue it to be asked again."""
-        from optuna.trial import TrialState
-
-        row = make_row(
-            self.space,
-            spec,
-            failed_result(f"{INTERRUPTED} {why}; it is asked again on --resume"),
-            self.baseline,
-        )
-        results.write_row(self.study_dir, row)
-        study.tell(trial, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
-        study_folder.mirror_journal(self.study_dir, self.storage_url)
-        self.emit(TrialRecovered(row=row))
-
-
-# How often the loop looks at the stop flag while it waits for trials.
-STOP_POLL_S = 0.5
-
-
-def _loop(study: Any, run: _RunningStudy, remaining: int, max_concurrent: int, stop: StopFlag) -> int:
-
-    dispatcher = Dispatcher(run.space, max_concurrent)
-    asked = written = 0
-    stop.deferred = True
-    try:
-        while (asked < remaining or len(dispatcher)) and not stop.raised:
-            while asked < remaining and dispatcher.has_room() and not stop.raised:
-                trial = study.ask()
-                asked += 1
-                backend, params = suggest(trial, run.space, run.rankings)
-                spec = run.spec(trial.number, backend, params)
-                try:
-                    get_backend(backend).config(params)
-                except ConfigError as exc:
-                    run.record(study, trial, spec, failed_result(str(exc)))
-                    written += 1
-                    continue
-                dispatcher.submit(spec, trial)
-                run.emit(TrialStarted(trial_number=trial.number, backend=backend, params=params))
-            if not len(dispatcher):
-                continue
-            for trial, spec, result in dispatcher.wait(max_wait_s=STOP_POLL_S):
-                run.record(study, trial, spec, result)
-                written += 1
-        if stop.raised:
-            assert stop.signum is not None
-            name = signal.Signals(stop.signum).name
-            flights = dispatcher.cancel_all()
-            for trial, spec in flights:
-                run.interrupt(study, trial, spec, f"stopped by {name} while this trial was running")
-            raise SweepInterrupted(stop.signum, run.study_dir, interrupted=len(flights))
-    except BaseException:
-        dispatcher.cancel_all()
-        raise
-    finally:
-        stop.deferred = False
-    return written
-
-
 def _existing_rows(study_dir: StudyPath) -> list[dict[str, Any]]:
     return results.read_table(study_dir).to_pylist() if results.trials_dir(study_dir).is_dir() else []
 
 
-def _recover_interrupted(study: Any, run: _RunningStudy) -> None:
+def _recover_interrupted(study: Any, run: RunningStudy) -> None:
     """Settle trials a stopped driver left running: tell what has a row, fail and re-ask the rest."""
     import optuna
     from optuna.trial import TrialState
@@ -289,7 +173,7 @@ def _recover_interrupted(study: Any, run: _RunningStudy) -> None:
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         row = rows.get(frozen.number)
         if row is not None:  # the row was written but the driver stopped before telling Optuna
-            if not counts_toward_budget(row):  # an interrupted row: ask the trial again
+            if (row.get("error") or "").startswith(INTERRUPTED):  # an interrupted row: ask the trial again
                 study.tell(frozen.number, state=TrialState.FAIL)
                 study.enqueue_trial(dict(frozen.params), skip_if_exists=False)
             else:
@@ -315,6 +199,13 @@ def _study_info(
         info = StudyInfo.from_json(existing, default_study=options.study or space.study)
         if info.baseline is None:
             raise SweeperInputError(f"'{study_dir}': study.json has no FP32 baseline; start a new study")
+        changes = space_changes(info, space, task_ref)
+        if changes and not options.force:
+            raise SweeperInputError(
+                f"cannot resume study '{info.study}': its space changed since it began ({'; '.join(changes)}). "
+                "Rows measured under the old settings would mix with new ones. Resume with the space it began "
+                f"with (kept in '{study_dir}/study.json'), start a new study, or pass --force to accept the change."
+            )
         return info, info.baseline
     import ray
 
@@ -380,3 +271,23 @@ def _check_against_task(space: Space, info: StudyInfo, baseline: FP32Baseline) -
                 f"{space.path}: key 'backends.{backend}.calibration_samples': asks for up to {largest} "
                 f"samples, but task '{info.task}' has {limit} calibration samples; allowed: 1..{limit}"
             )
+
+
+# The parts of a space that change what a row means; a resumed study must keep them.
+RESUME_KEYS = ("task", "objective", "constraint", "measure", "early_stop", "backends", "hardware", "targets")
+
+
+def space_changes(info: StudyInfo, space: Space, task_ref: TaskRef) -> list[str]:
+    """What differs between the space a study began with and ``space`` (keys of RESUME_KEYS)."""
+    import yaml
+
+    before = yaml.safe_load(info.space or "") or {}
+    now = yaml.safe_load(space.text or "") or {}
+    changes = [
+        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
+        for key in RESUME_KEYS
+        if key != "task" and before.get(key) != now.get(key)
+    ]
+    if info.task and info.task != task_ref.name:
+        changes.insert(0, f"task: {info.task!r} -> {task_ref.name!r}")
+    return changes
