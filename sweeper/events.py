@@ -61,7 +61,15 @@ class TrialRecovered:
     row: dict[str, Any]
 
 
-Event = SweepStarted | SensitivityProgress | TrialStarted | TrialFinished | TrialRecovered
+@dataclass(frozen=True, kw_only=True)
+class SweepPhase:
+    """What the sweep is doing before its trials start (starting Ray, measuring the FP32 baseline)."""
+
+    kind: ClassVar[str] = "phase"
+    text: str
+
+
+Event = SweepPhase | SweepStarted | SensitivityProgress | TrialStarted | TrialFinished | TrialRecovered
 EventHandler = Callable[[Event], None]
 
 

@@ -12,7 +12,7 @@ from rich.progress import Progress
 from rich.table import Column
 from rich.text import Text
 
-from sweeper.events import Event, SensitivityProgress, SweepStarted, TrialFinished, TrialStarted
+from sweeper.events import Event, SensitivityProgress, SweepPhase, SweepStarted, TrialFinished, TrialStarted
 
 
 class _Progress(Progress):
@@ -43,6 +43,7 @@ class SweepProgress:
             MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False,
         )
         self.task_id: Any = None
+        self.phase_id: Any = None
         self.running = self.failed = self.complete = self.pruned = 0
         self.sensitivity: dict[str, Any] = {}
         self.best: float | None = None
@@ -56,6 +57,19 @@ class SweepProgress:
         self.progress.__exit__(*exc)
 
     def on_event(self, event: Event) -> None:
+        if isinstance(event, SweepPhase):
+            # A line stays in the log (and in a pipe); on a terminal a live line keeps the clock.
+            self.console.print(Text(f"{event.text} ...", style="dim"))
+            if not self.console.is_terminal:
+                return
+            if self.phase_id is None:
+                self.phase_id = self.progress.add_task(escape(event.text), total=None, status="")
+            else:
+                self.progress.update(self.phase_id, description=escape(event.text))
+            return
+        if isinstance(event, SweepStarted) and self.phase_id is not None:
+            self.progress.remove_task(self.phase_id)
+            self.phase_id = None
         if isinstance(event, SweepStarted):
             self.console.print(Text(
                 f"Study '{event.study}' in {event.study_dir}: FP32 metric {event.accuracy_fp32:.2f}, "

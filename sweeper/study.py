@@ -16,7 +16,7 @@ from sweeper import results, study_folder
 from sweeper.backends import get_backend
 from sweeper.cluster import cluster_cpus, connect, worker_launch
 from sweeper.errors import ConfigError, SweeperInputError, TaskError
-from sweeper.events import EventHandler, SweepStarted, TrialRecovered, ignore
+from sweeper.events import EventHandler, SweepPhase, SweepStarted, TrialRecovered, ignore
 from sweeper.exclusion import warm_start_ladder
 from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
@@ -82,8 +82,12 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     created = not options.resume
     with stop_on_signals() as stop:
         try:
+            emit(SweepPhase(text=f"joining the Ray cluster at {options.address}" if options.address
+                            else "starting an embedded local Ray"))
             connect(options.address, env=launch.runtime_env, debug=options.debug)
             stop.install()
+            if results.read_study_info(study_dir) is None:
+                emit(SweepPhase(text=f"measuring the FP32 baseline of {task_ref.name} (its model trains on first use)"))
             info, baseline = _study_info(study_dir, space, task_ref, options)
             _check_against_task(space, info, baseline)
             rankings = study_rankings(space, task_ref, study_dir, dict(_first_params(space)), emit)
