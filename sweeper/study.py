@@ -27,7 +27,7 @@ from sweeper.sensitivity import study_rankings
 from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
 from sweeper.spec import FP32Baseline, StudyInfo, TaskRef, failed_result
-from sweeper.task import check_task_file, find_task_file, task_search_dirs
+from sweeper.task import check_task_file, find_task_file, load_task, task_search_dirs
 from sweeper.worker import baseline_summary
 
 
@@ -74,6 +74,8 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     study_name = options.study or space.study
     task_name = options.task or space.task
     task_path = check_task_file(find_task_file(task_name, task_search_dirs(space.path, options.task_dirs)))
+    task = load_task(str(task_path))
+    check_calibration_samples(space, task.name, task.calibration_size)
 
     # On an existing cluster the workers find the task through a runtime env (see cluster.py).
     launch = worker_launch(options.address, task_path)
@@ -89,7 +91,6 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
             if results.read_study_info(study_dir) is None:
                 emit(SweepPhase(text=f"measuring the FP32 baseline of {task_ref.name} (its model trains on first use)"))
             info, baseline = _study_info(study_dir, space, task_ref, options)
-            _check_against_task(space, info, baseline)
             rankings = study_rankings(space, task_ref, study_dir, dict(_first_params(space)), emit)
         except SweeperInputError:
             if created:
@@ -258,22 +259,31 @@ def _first_params(space: Space) -> list[tuple[str, dict[str, Any]]]:
     return pairs
 
 
-def _check_against_task(space: Space, info: StudyInfo, baseline: FP32Baseline) -> None:
-    """Check what only the task can tell: calibration sample counts within its calibration split."""
-    limit = baseline.calibration_size
-    if limit is None:  # a study file written by hand may not say
-        return
+def check_calibration_samples(space: Space, task_name: str, limit: int) -> None:
+    """Check the calibration sample counts a space asks for (or a backend's default, when the
+    space does not set it) against the task's calibration split, before anything starts.
+
+    Raises:
+        ConfigError: naming the key, the count and the split's size.
+    """
     for backend, params in space.backends.items():
         param = params.get("calibration_samples")
         if param is None:
-            continue
+            field = get_backend(backend).Config.model_fields.get("calibration_samples")
+            if field is None or not isinstance(field.default, int) or field.default <= limit:
+                continue
+            raise ConfigError(
+                f"{space.path}: key 'backends.{backend}': '{backend}' calibrates with {field.default} samples by "
+                f"default, but task '{task_name}' has {limit} calibration samples; set calibration_samples "
+                f"to 1..{limit}"
+            )
         largest = (
             param.value if isinstance(param, Fixed) else param.high if isinstance(param, Range) else max(param.values)
         )
         if largest > limit:
             raise ConfigError(
                 f"{space.path}: key 'backends.{backend}.calibration_samples': asks for up to {largest} "
-                f"samples, but task '{info.task}' has {limit} calibration samples; allowed: 1..{limit}"
+                f"samples, but task '{task_name}' has {limit} calibration samples; allowed: 1..{limit}"
             )
 
 

@@ -76,6 +76,12 @@ TASK = T()
 
 STATIC = "onnxruntime_static_int8"
 
+# A task whose calibration split (50 samples) is smaller than a backend's default count (128).
+TINY_TASK = (
+    "import numpy as np, torch\nfrom sweeper import ModelTask\nx = np.zeros((60, 4), 'float32')\n"
+    "TASK = ModelTask('tiny', torch.nn.Linear(4, 2), calibration=x[:50], evaluation=(x, np.zeros(60, 'int64')))\n"
+)
+
 CASES = [
     Case("missing space file", lambda t: [str(t / "nope.yaml")], ["nope.yaml", "does not exist"]),
     Case("yaml syntax error", lambda t: [str(_write(t, "task: [x\n"))], ["not valid YAML at line"]),
@@ -90,6 +96,7 @@ CASES = [
     Case("inverted range", lambda t: [str(space(t, backends="  onnxruntime_static_int8: {calibration_samples: {low: 128, high: 16}}"))], ["low (128) must be smaller than high (16)"]),
     Case("negative sample count", lambda t: [str(space(t, backends="  onnxruntime_static_int8: {calibration_samples: -8}"))], ["calibration_samples", "-8", "greater than or equal to 1"]),
     Case("sample count above the calibration set", lambda t: [str(space(t, backends="  onnxruntime_static_int8: {calibration_samples: {low: 16, high: 5000}}"))], ["up to 5000 samples", "has 360 calibration samples", "allowed: 1..360"]),
+    Case("a backend's default sample count above the calibration set", lambda t: [str(space(t, task=task_file(t, TINY_TASK), backends="  torch_static_int8: {}"))], ["'torch_static_int8' calibrates with 128 samples by default", "has 50 calibration samples", "calibration_samples to 1..50"]),
     Case("negative max drop", lambda t: [str(space(t, max_drop="-0.5"))], ["constraint.max_drop", "greater than or equal to 0"]),
     Case("unknown drop mode", lambda t: [str(space(t, max_drop="1, mode: percent"))], ["constraint.mode", "'absolute' or 'relative'"]),
     Case("unknown hardware kind", lambda t: [str(space(t, extra="hardware: {kind: tpu}\n"))], ["hardware.kind", "'cpu' or 'gpu'"]),
