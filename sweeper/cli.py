@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from sweeper import __version__, results, views
-from sweeper.analysis import best_feasible, closest_infeasible, maximised, state_counts, study_settings
+from sweeper.analysis import maximised, study_settings
 from sweeper.backends import BACKENDS, availability, get_backend
 from sweeper.cluster import connect, job_runtime_env, worker_launch
 from sweeper.errors import SweeperInputError, did_you_mean
@@ -120,7 +120,7 @@ def run(
         f"{views.plural(summary.repeats, 'repeat proposal')} answered from stored results"
         + ("; the sampler found no new configuration to try: the space looks exhausted" if summary.exhausted else "")
     ))
-    if not _print_summary(df, space.objective):
+    if not views.print_summary(console, df, space.objective):
         raise typer.Exit(NOTHING_FEASIBLE)
 
 
@@ -135,19 +135,6 @@ def _warn_if_ephemeral(out: str) -> None:
         f"head node ({Path(out).absolute()}), which Ray deletes eventually; give an absolute --out on "
         "storage that lasts, or an object-store URI (s3://BUCKET/sweeps), to keep the study.", style="yellow",
     ), soft_wrap=True)
-
-
-def _runtime_name(row: Any) -> str:
-    """What the FP32 baseline ran on, as the row records it (older rows: PyTorch)."""
-    runtime = getattr(row, "baseline_runtime", None)
-    return "Keras" if runtime == "keras" else "PyTorch"
-
-
-def _drop_interval(row: Any) -> str:
-    low, high = getattr(row, "accuracy_drop_low", None), getattr(row, "accuracy_drop_high", None)
-    if low is None or high is None or low != low or high != high:  # missing or NaN
-        return ""
-    return f", 95 % interval {low:.2f}..{high:.2f}"
 
 
 def _check_task(ref: str, space: Any = None) -> Path:
@@ -212,7 +199,7 @@ def show(
         if ranked_by not in df.columns:
             ranked_by = "latency_ms_p50"
         maximise = maximised(ranked_by, metric_higher_is_better=settings.baseline.higher_is_better if settings.baseline else True)
-        all_feasible &= _print_summary(df, ranked_by, maximise=maximise, show_study=several)
+        all_feasible &= views.print_summary(console, df, ranked_by, maximise=maximise, show_study=several)
     if not all_feasible:
         raise typer.Exit(NOTHING_FEASIBLE)
 
@@ -235,47 +222,6 @@ def _studies(where: str | Path) -> list[Any]:
     if not studies:
         raise SweeperInputError(f"'{path}' holds no study (no trials/ folder in it or one level below)")
     return studies
-
-
-def _print_summary(df: Any, objective: str, *, maximise: bool | None = None, show_study: bool = False) -> bool:
-    """Print one study's verdict and its best trials; return whether any trial is feasible."""
-    if maximise is None:
-        maximise = maximised(objective)
-    counts = state_counts(df)
-    console.print(
-        f"Trials: {len(df)}  complete {counts['complete']}  failed {counts['failed']}  pruned {counts['pruned']}"
-    )
-    best = best_feasible(df, objective, maximise=maximise)
-    if best.empty:
-        max_drop = df["max_drop"].dropna().iloc[0] if df["max_drop"].notna().any() else float("nan")
-        close = closest_infeasible(df)
-        verdict = f"No configuration met max drop {max_drop:g}"
-        if close.empty:
-            console.print(Text(f"{verdict}; no trial completed.", style="bold yellow"))
-        else:
-            c = close.iloc[0]
-            console.print(Text(
-                f"{verdict}; closest: trial {c.trial_number} {c.backend} with drop "
-                f"{c.accuracy_drop:.2f} at {c.latency_ms_p50:.3f} ms p50.", style="bold yellow",
-            ))
-            console.print(views.trials(close, console, title="Closest trials (smallest drop first)", show_study=show_study))
-        return False
-    top = best.iloc[0]
-    line = Text("Best feasible: ", style="bold green")
-    line.append(
-        f"trial {top.trial_number} {top.backend}: {top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x "
-        f"vs FP32 {_runtime_name(top)}, accuracy drop {top.accuracy_drop:.2f} "
-        f"({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}){_drop_interval(top)}, size {top.size_bytes / 1e3:.1f} kB",
-        style="default",
-    )
-    if objective not in ("latency_ms_p50", "speedup", "accuracy_drop", "accuracy", "size_bytes"):
-        line.append(f", {objective} {top[objective]:g}")
-    console.print(line)
-    console.print(views.indent(f"config: {top.params_json}"))
-    order = "highest" if maximise else "lowest"
-    console.print(views.trials(best, console, title=f"Best feasible trials by {objective}, {order} first",
-                               show_study=show_study))
-    return True
 
 
 @_command

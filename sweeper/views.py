@@ -19,6 +19,8 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from sweeper.analysis import best_feasible, closest_infeasible, maximised, state_counts
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -186,3 +188,59 @@ def sensitivity(table: pd.DataFrame, console: Console, title: str) -> Renderable
 def _text(value: object) -> str | None:
     """A table cell's text, or ``None`` for a missing value (NaN, None)."""
     return value if isinstance(value, str) and value else None
+
+
+def print_summary(
+    console: Console, df: Any, objective: str, *, maximise: bool | None = None, show_study: bool = False
+) -> bool:
+    """Print one study's verdict and its best trials; return whether any trial is feasible."""
+    if maximise is None:
+        maximise = maximised(objective)
+    counts = state_counts(df)
+    console.print(
+        f"Trials: {len(df)}  complete {counts['complete']}  failed {counts['failed']}  pruned {counts['pruned']}"
+    )
+    best = best_feasible(df, objective, maximise=maximise)
+    if best.empty:
+        max_drop = df["max_drop"].dropna().iloc[0] if df["max_drop"].notna().any() else float("nan")
+        close = closest_infeasible(df)
+        verdict = f"No configuration met max drop {max_drop:g}"
+        if close.empty:
+            console.print(Text(f"{verdict}; no trial completed.", style="bold yellow"))
+        else:
+            c = close.iloc[0]
+            console.print(Text(
+                f"{verdict}; closest: trial {c.trial_number} {c.backend} with drop "
+                f"{c.accuracy_drop:.2f} at {c.latency_ms_p50:.3f} ms p50.", style="bold yellow",
+            ))
+            console.print(trials(close, console, title="Closest trials (smallest drop first)", show_study=show_study))
+        return False
+    top = best.iloc[0]
+    line = Text("Best feasible: ", style="bold green")
+    line.append(
+        f"trial {top.trial_number} {top.backend}: {top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x "
+        f"vs FP32 {runtime_name(top)}, accuracy drop {top.accuracy_drop:.2f} "
+        f"({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}){drop_interval_text(top)}, size {top.size_bytes / 1e3:.1f} kB",
+        style="default",
+    )
+    if objective not in ("latency_ms_p50", "speedup", "accuracy_drop", "accuracy", "size_bytes"):
+        line.append(f", {objective} {top[objective]:g}")
+    console.print(line)
+    console.print(indent(f"config: {top.params_json}"))
+    order = "highest" if maximise else "lowest"
+    console.print(trials(best, console, title=f"Best feasible trials by {objective}, {order} first",
+                               show_study=show_study))
+    return True
+
+
+def runtime_name(row: Any) -> str:
+    """What the FP32 baseline ran on, as the row records it (older rows: PyTorch)."""
+    runtime = getattr(row, "baseline_runtime", None)
+    return "Keras" if runtime == "keras" else "PyTorch"
+
+
+def drop_interval_text(row: Any) -> str:
+    low, high = getattr(row, "accuracy_drop_low", None), getattr(row, "accuracy_drop_high", None)
+    if low is None or high is None or low != low or high != high:  # missing or NaN
+        return ""
+    return f", 95 % interval {low:.2f}..{high:.2f}"
