@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from sweeper.backends import get_backend
 from sweeper.errors import ConfigError
-from sweeper.rows import REJECTED
+from sweeper.spec import REJECTED
 
 # After this many repeats in a row the next proposals come from a random sampler.
 RANDOM_AFTER_REPEATS = 3

@@ -12,14 +12,17 @@ from sweeper.errors import ConfigError
 from sweeper.measure import accuracy_drop
 from sweeper.results import COLUMN_NAMES
 from sweeper.space import Space
-from sweeper.spec import VERSIONED_PACKAGES, Environment, FP32Baseline, LatencyStats, TrialResult, TrialSpec
+from sweeper.spec import (
+    INTERRUPTED,
+    REJECTED,
+    VERSIONED_PACKAGES,
+    Environment,
+    FP32Baseline,
+    LatencyStats,
+    TrialResult,
+    TrialSpec,
+)
 from sweeper.uncertainty import DropCounts, drop_interval
-
-# Error text of trials a stopped driver left running. They are asked again on resume and do not
-# count toward the study's trial budget.
-INTERRUPTED = "interrupted:"
-# Error text of configurations their backend rejected before any build; they use up no budget.
-REJECTED = "rejected:"
 
 
 def counts_toward_budget(row: dict[str, Any]) -> bool:

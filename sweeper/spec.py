@@ -143,6 +143,12 @@ class TrialResult:
     error: str | None = None
 
 
+# Error text of trials a stopped driver left running: asked again on resume, not counted in the budget.
+INTERRUPTED = "interrupted:"
+# Error text of configurations their backend rejected before any build: not counted in the budget.
+REJECTED = "rejected:"
+
+
 def failed_result(error: str) -> TrialResult:
     """A failed result for a trial that never produced one of its own."""
     now = time.time()
@@ -165,7 +171,10 @@ class FP32Baseline:
     environment: Environment | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["runtime"] == "pytorch":  # the default; study files written before it was recorded lack it
+            del data["runtime"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FP32Baseline:
@@ -190,6 +199,8 @@ class StudyInfo:
 
     def to_json(self) -> dict[str, Any]:
         data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if self.baseline is not None:
+            data["baseline"] = self.baseline.to_json()
         return data
 
     @classmethod

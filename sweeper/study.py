@@ -6,8 +6,9 @@ Only this module talks to Optuna. Workers receive a :class:`~sweeper.spec.TrialS
 
 from __future__ import annotations
 
+import dataclasses
+import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,20 +16,27 @@ from typing import Any
 from sweeper import results, study_folder
 from sweeper.backends import get_backend
 from sweeper.cluster import cluster_cpus, connect, worker_launch
-from sweeper.errors import ConfigError, SweeperInputError, TaskError
-from sweeper.events import EventHandler, SweepPhase, SweepStarted, TrialRecovered, ignore
+from sweeper.dispatch import Dispatcher
+from sweeper.errors import ConfigError, SweeperInputError
+from sweeper.events import EventHandler, SweepPhase, SweepStarted, TrialFinished, TrialRecovered, TrialStarted, ignore
 from sweeper.exclusion import warm_start_ladder
 from sweeper.location import StudyPath
-from sweeper.params import Fixed, Range
-from sweeper.repeats import Measured
-from sweeper.rows import INTERRUPTED, counts_toward_budget, make_row
-from sweeper.running_study import RunningStudy, run_trials
+from sweeper.measure import accuracy_drop
+from sweeper.repeats import Measured, config_key, rejected_key
+from sweeper.rows import counts_toward_budget, make_row
+from sweeper.sampling import suggest
 from sweeper.sensitivity import study_rankings
 from sweeper.signals import StopFlag, StopRequested, SweepInterrupted, stop_on_signals
 from sweeper.space import Space
-from sweeper.spec import FP32Baseline, StudyInfo, TaskRef, failed_result
+from sweeper.spec import INTERRUPTED, REJECTED, FP32Baseline, TaskRef, TrialResult, TrialSpec, failed_result
+from sweeper.study_setup import (
+    check_calibration_samples,
+    existing_rows,
+    first_params,
+    open_optuna_study,
+    study_info,
+)
 from sweeper.task import check_task_file, find_task_file, load_task, task_search_dirs
-from sweeper.worker import baseline_summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,8 +98,8 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
             stop.install()
             if results.read_study_info(study_dir) is None:
                 emit(SweepPhase(text=f"measuring the FP32 baseline of {task_ref.name} (its model trains on first use)"))
-            info, baseline = _study_info(study_dir, space, task_ref, options)
-            rankings = study_rankings(space, task_ref, study_dir, dict(_first_params(space)), emit)
+            info, baseline = study_info(study_dir, space, task_ref, options.study or space.study, options.force)
+            rankings = study_rankings(space, task_ref, study_dir, dict(first_params(space)), emit)
         except SweeperInputError:
             if created:
                 study_folder.remove(study_dir)
@@ -119,12 +127,12 @@ def _sweep(
 ) -> SweepSummary:
     study_name = options.study or space.study
     n_trials = options.trials or space.trials
-    rows = _existing_rows(study_dir)
+    rows = existing_rows(study_dir)
     done = sum(1 for r in rows if counts_toward_budget(r))
     seed = options.seed if options.seed is not None else space.seed
     # A resumed study continues its sampler's stream instead of replaying its first proposals.
     seed = None if seed is None else seed + done
-    study = _open_study(study_name, study_dir, options.storage, seed, n_trials)
+    study = open_optuna_study(study_name, study_dir, options.storage, seed, n_trials)
     run = RunningStudy(space=space, study_name=study_name, study_dir=study_dir, task_ref=task_ref, baseline=baseline,
                        emit=emit, rankings=rankings, storage_url=options.storage, seed=seed)
     _recover_interrupted(study, run)
@@ -144,37 +152,12 @@ def _sweep(
                         distinct=len(measured.rows), repeats=measured.repeats, exhausted=measured.exhausted)
 
 
-def _open_study(study_name: str, study_dir: StudyPath, storage_url: str | None, seed: int | None, n_trials: int) -> Any:
-    """Create or load the Optuna study, with the sampler every sweep uses."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = study_folder.open_storage(study_dir, storage_url)
-    with warnings.catch_warnings():
-        # multivariate TPE with grouping is what suits conditional (per-backend) spaces
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=max(4, min(10, n_trials // 3)),
-            multivariate=True,
-            group=True,
-            constant_liar=True,
-        )
-    return optuna.create_study(
-        study_name=study_name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
-    )
-
-
-def _existing_rows(study_dir: StudyPath) -> list[dict[str, Any]]:
-    return results.read_table(study_dir).to_pylist() if results.trials_dir(study_dir).is_dir() else []
-
-
 def _recover_interrupted(study: Any, run: RunningStudy) -> None:
     """Settle trials a stopped driver left running: tell what has a row, fail and re-ask the rest."""
     import optuna
     from optuna.trial import TrialState
 
-    rows = {r["trial_number"]: r for r in _existing_rows(run.study_dir)}
+    rows = {r["trial_number"]: r for r in existing_rows(run.study_dir)}
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         row = rows.get(frozen.number)
         if row is not None:  # the row was written but the driver stopped before telling Optuna
@@ -195,113 +178,183 @@ def _recover_interrupted(study: Any, run: RunningStudy) -> None:
         run.emit(TrialRecovered(row=row))
 
 
-def _study_info(
-    study_dir: StudyPath, space: Space, task_ref: TaskRef, options: SweepOptions
-) -> tuple[StudyInfo, FP32Baseline]:
-    """Read the study's info on resume; otherwise measure the FP32 baseline once and record it."""
-    existing = results.read_study_info(study_dir)
-    if existing is not None:
-        info = StudyInfo.from_json(existing, default_study=options.study or space.study)
-        if info.baseline is None:
-            raise SweeperInputError(f"'{study_dir}': study.json has no FP32 baseline; start a new study")
-        changes = space_changes(info, space, task_ref)
-        if changes and not options.force:
-            raise SweeperInputError(
-                f"cannot resume study '{info.study}': its space changed since it began ({'; '.join(changes)}). "
-                "Rows measured under the old settings would mix with new ones. Resume with the space it began "
-                f"with (kept in '{study_dir}/study.json'), start a new study, or pass --force to accept the change."
-            )
-        return info, info.baseline
-    import ray
-
-    target = space.targets[space.backend_targets[next(iter(space.backends))]]
-    remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
-    measure = space.measure
-    try:
-        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus, _first_params(space)))
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(exc.cause, Exception) else exc
-        if isinstance(cause, SweeperInputError):
-            raise type(cause)(str(cause)) from None
-        raise TaskError(
-            f"task '{task_ref.name}' ({task_ref.path}) failed while building its FP32 baseline: "
-            f"{type(cause).__name__}: {cause}"
-        ) from None
-    info = StudyInfo(
-        study=options.study or space.study,
-        task=task_ref.name,
-        task_path=task_ref.path,
-        space_path=str(space.path.resolve()),
-        space=space.text or space.path.read_text(),
-        baseline=baseline,
-    )
-    results.write_study_info(study_dir, info.to_json())
-    return info, baseline
+# How often the loop looks at the stop flag while it waits for trials.
+STOP_POLL_S = 0.5
+# The constraint violation (points of accuracy) Optuna is told for a failed or rejected trial.
+FAILED_VIOLATION = 1000.0
 
 
-def _first_params(space: Space) -> list[tuple[str, dict[str, Any]]]:
-    """One config per backend: each parameter's first value (fixed value, first choice, low end).
+@dataclass
+class RunningStudy:
+    """What the driver's loop needs of the study it runs: the space, where rows go, the FP32
+    baseline, the sensitivity rankings, and where progress events go."""
 
-    Used for the preflight checks and as the configuration a sensitivity ranking is measured
-    with. A backend whose first values do not make a valid config is left to its trials.
-    """
-    pairs = []
-    for backend, params in space.backends.items():
-        first = {
-            key: p.value if isinstance(p, Fixed) else p.low if isinstance(p, Range) else p.values[0]
-            for key, p in params.items()
-        }
-        try:
-            get_backend(backend).config(first)
-        except ConfigError:
-            continue
-        pairs.append((backend, first))
-    return pairs
+    space: Space
+    study_name: str
+    study_dir: StudyPath
+    task_ref: TaskRef
+    baseline: FP32Baseline
+    emit: EventHandler
+    rankings: dict[str, list[str]]
+    storage_url: str | None = None
+    seed: int | None = None
 
+    def prune_above_drop(self) -> float | None:
+        """The subset drop (metric units) beyond which a trial is pruned, if early stopping is on."""
+        early = self.space.early_stop
+        if early is None:
+            return None
+        limit = self.space.constraint.max_drop + early.margin
+        if self.space.constraint.mode == "relative":
+            limit = limit / 100.0 * abs(self.baseline.metric)
+        return limit
 
-def check_calibration_samples(space: Space, task_name: str, limit: int) -> None:
-    """Check the calibration sample counts a space asks for (or a backend's default, when the
-    space does not set it) against the task's calibration split, before anything starts.
-
-    Raises:
-        ConfigError: naming the key, the count and the split's size.
-    """
-    for backend, params in space.backends.items():
-        param = params.get("calibration_samples")
-        if param is None:
-            field = get_backend(backend).Config.model_fields.get("calibration_samples")
-            if field is None or not isinstance(field.default, int) or field.default <= limit:
-                continue
-            raise ConfigError(
-                f"{space.path}: key 'backends.{backend}': '{backend}' calibrates with {field.default} samples by "
-                f"default, but task '{task_name}' has {limit} calibration samples; set calibration_samples "
-                f"to 1..{limit}"
-            )
-        largest = (
-            param.value if isinstance(param, Fixed) else param.high if isinstance(param, Range) else max(param.values)
+    def spec(self, trial_number: int, backend: str, params: dict[str, Any]) -> TrialSpec:
+        target = self.space.backend_targets.get(backend, next(iter(self.space.targets)))
+        return TrialSpec(
+            study=self.study_name,
+            trial_number=trial_number,
+            task=self.task_ref,
+            backend=backend,
+            params=params,
+            measure=self.space.measure,
+            num_threads=self.space.targets[target].num_cpus,
+            artifact_dir=str(study_folder.artifact_dir(self.study_dir, trial_number)),
+            target=target,
+            device="cuda" if self.space.targets[target].kind == "gpu" else "cpu",
+            early_stop_fraction=self.space.early_stop.fraction if self.space.early_stop else None,
+            prune_above_drop=self.prune_above_drop(),
         )
-        if largest > limit:
-            raise ConfigError(
-                f"{space.path}: key 'backends.{backend}.calibration_samples': asks for up to {largest} "
-                f"samples, but task '{task_name}' has {limit} calibration samples; allowed: 1..{limit}"
+
+    def tell(self, study: Any, trial: Any, row: dict[str, Any]) -> None:
+        """Tell Optuna a trial's outcome from its row (see the module docstring)."""
+        from optuna.trial import TrialState
+
+        max_drop = self.space.constraint.max_drop
+        if row["state"] == "complete":
+            trial.set_constraint("accuracy_drop", row["accuracy_drop"] - max_drop)
+            study.tell(trial, row[self.space.objective])
+            return
+        if row["state"] == "pruned" and row.get("subset_accuracy") is not None:
+            drop = accuracy_drop(
+                row["subset_accuracy_fp32"], row["subset_accuracy"],
+                higher_is_better=self.baseline.higher_is_better, mode=self.space.constraint.mode,
             )
+            trial.set_constraint("accuracy_drop", drop - max_drop)
+        else:
+            trial.set_constraint("accuracy_drop", FAILED_VIOLATION)
+            trial.set_user_attr("sweeper_state", row["state"])
+        study.tell(trial, state=TrialState.PRUNED)
+
+    def record(self, study: Any, trial: Any, spec: TrialSpec, result: TrialResult) -> dict[str, Any]:
+        """Write the trial's row, then tell Optuna: a crash in between loses nothing (see resume)."""
+        if result.artifact_files is not None and result.artifact_name is not None:
+            path = study_folder.write_artifact(
+                self.study_dir, spec.trial_number, result.artifact_name, result.artifact_files
+            )
+            result = dataclasses.replace(result, artifact_files=None, artifact_path=path)
+        row = make_row(self.space, spec, result, self.baseline)
+        results.write_row(self.study_dir, row)
+        self.tell(study, trial, row)
+        study_folder.mirror_journal(self.study_dir, self.storage_url)
+        self.emit(TrialFinished(row=row))
+        return row
+
+    def interrupt(self, study: Any, trial: Any, spec: TrialSpec, why: str) -> None:
+        """Record a trial that was cancelled before it finished and queue it to be asked again."""
+        from optuna.trial import TrialState
+
+        result = failed_result(f"{INTERRUPTED} {why}; it is asked again on --resume")
+        results.write_row(self.study_dir, make_row(self.space, spec, result, self.baseline))
+        study.tell(trial, state=TrialState.FAIL)
+        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+        study_folder.mirror_journal(self.study_dir, self.storage_url)
+        self.emit(TrialRecovered(row=make_row(self.space, spec, result, self.baseline)))
 
 
-# The parts of a space that change what a row means; a resumed study must keep them.
-RESUME_KEYS = ("task", "objective", "constraint", "measure", "early_stop", "backends", "hardware", "targets")
+def run_trials(study: Any, run: RunningStudy, remaining: int, max_concurrent: int, stop: StopFlag,
+               measured: Measured) -> int:
+    """Keep ``max_concurrent`` new configurations in flight until ``remaining`` have been built;
+    return the rows written."""
+    dispatcher = Dispatcher(run.space, max_concurrent)
+    built = written = 0
+    stop.deferred = True
+    try:
+        while (len(dispatcher) or (built < remaining and not measured.exhausted)) and not stop.raised:
+            while built < remaining and dispatcher.has_room() and not measured.exhausted and not stop.raised:
+                proposal = _propose(study, run, measured)
+                if proposal is None:
+                    continue
+                trial, spec, key = proposal
+                dispatcher.submit(spec, (trial, key))
+                measured.started(key)
+                built += 1
+                run.emit(TrialStarted(trial_number=trial.number, backend=spec.backend, params=spec.params))
+            if not len(dispatcher):
+                continue
+            for (trial, key), spec, result in dispatcher.wait(max_wait_s=STOP_POLL_S):
+                row = run.record(study, trial, spec, result)
+                written += 1
+                for waiting in measured.finished(key, row):
+                    run.tell(study, waiting, row)
+        if stop.raised:
+            _stop(study, run, dispatcher, stop, measured)
+    except BaseException:
+        dispatcher.cancel_all()
+        raise
+    finally:
+        stop.deferred = False
+    return written
 
 
-def space_changes(info: StudyInfo, space: Space, task_ref: TaskRef) -> list[str]:
-    """What differs between the space a study began with and ``space`` (keys of RESUME_KEYS)."""
-    import yaml
+def _propose(study: Any, run: RunningStudy, measured: Measured) -> tuple[Any, TrialSpec, str] | None:
+    """Ask for a configuration; return it when it is new, else settle the trial and return None."""
+    trial = _ask(study, run, measured)
+    backend, params = suggest(trial, run.space, run.rankings)
+    spec = run.spec(trial.number, backend, params)
+    try:
+        config = get_backend(backend).config(params)
+    except ConfigError as exc:
+        measured.streak += 1
+        rejected = rejected_key(backend, params)
+        if rejected in measured.rejected:  # rejected before: told the same, no second row
+            run.tell(study, trial, measured.rejected[rejected])
+        else:
+            measured.rejected[rejected] = run.record(study, trial, spec, failed_result(f"{REJECTED} {exc}"))
+        return None
+    key = config_key(backend, config)
+    if measured.known(key):
+        stored = measured.repeat(key, trial)
+        if stored is not None:
+            run.tell(study, trial, stored)
+        return None
+    return trial, spec, key
 
-    before = yaml.safe_load(info.space or "") or {}
-    now = yaml.safe_load(space.text or "") or {}
-    changes = [
-        f"{key}: {before.get(key)!r} -> {now.get(key)!r}"
-        for key in RESUME_KEYS
-        if key != "task" and before.get(key) != now.get(key)
-    ]
-    if info.task and info.task != task_ref.name:
-        changes.insert(0, f"task: {info.task!r} -> {task_ref.name!r}")
-    return changes
+
+def _ask(study: Any, run: RunningStudy, measured: Measured) -> Any:
+    """The next trial: from TPE, or from a random sampler while TPE keeps repeating itself."""
+    if not measured.random_next:
+        return study.ask()
+    import optuna
+
+    sampler = study.sampler
+    study.sampler = optuna.samplers.RandomSampler(seed=None if run.seed is None else run.seed + measured.repeats)
+    try:
+        return study.ask()
+    finally:
+        study.sampler = sampler
+
+
+def _stop(study: Any, run: RunningStudy, dispatcher: Dispatcher, stop: StopFlag, measured: Measured) -> None:
+    """Record the trials in flight as interrupted, settle the repeats waiting on them, and raise."""
+    from optuna.trial import TrialState
+
+    assert stop.signum is not None
+    name = signal.Signals(stop.signum).name
+    flights = dispatcher.cancel_all()
+    for (trial, _key), spec in flights:
+        run.interrupt(study, trial, spec, f"stopped by {name} while this trial was running")
+    for waiting in measured.waiting.values():
+        for trial in waiting:  # repeats of a cancelled trial: asked again with it on --resume
+            study.tell(trial, state=TrialState.FAIL)
+    raise SweepInterrupted(stop.signum, run.study_dir, interrupted=len(flights))

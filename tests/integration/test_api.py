@@ -19,7 +19,10 @@ SPACE = {
     "constraint": {"max_drop": 1.0},
     "hardware": {"num_cpus": 1},
     "measure": {"warmup_runs": 3, "min_runs": 20, "min_time_s": 0.05},
-    "backends": {"onnxruntime_fp32": {}, "onnxruntime_dynamic_int8": {"per_channel": [True, False]}},
+    "backends": {
+        "onnxruntime_fp32": {},
+        "onnxruntime_dynamic_int8": {"per_channel": [True, False], "weight_type": ["int8", "uint8"]},
+    },
 }
 
 

@@ -28,8 +28,9 @@ def test_cli_run_then_show(write_space, tmp_path: Path, root: Path) -> None:
         seed: 0
         constraint: {max_drop: 1.0}
         backends:
-          onnxruntime_fp32: {}
-          torch_dynamic_int8: {}
+          onnxruntime_fp32: {opset: {low: 14, high: 18}}
+          torch_dynamic_int8: {engine: [x86, fbgemm]}
+          onnxruntime_dynamic_int8: {per_channel: [true, false], weight_type: [int8, uint8]}
     """, name="cli_space.yaml")
     out = tmp_path / "out"
     run = _sweeper("run", str(space), "--out", str(out), "--study", "cli", cwd=root)

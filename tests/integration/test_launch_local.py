@@ -37,8 +37,9 @@ def _space(tmp_path: Path, trials: int, min_time_s: float) -> Path:
         hardware: {{num_cpus: 1}}
         measure: {{warmup_runs: 3, min_runs: 20, min_time_s: {min_time_s}}}
         backends:
-          onnxruntime_fp32: {{}}
-          torch_dynamic_int8: {{}}
+          onnxruntime_fp32: {{opset: {{low: 14, high: 18}}}}
+          torch_dynamic_int8: {{engine: [x86, fbgemm]}}
+          onnxruntime_dynamic_int8: {{per_channel: [true, false], weight_type: [int8, uint8]}}
     """))
     return path
 

@@ -34,8 +34,9 @@ def _space(tmp_path: Path, trials: int) -> Path:
         hardware: {{num_cpus: 1}}
         measure: {{warmup_runs: 3, min_runs: 20, min_time_s: 0.05}}
         backends:
-          onnxruntime_fp32: {{}}
-          torch_dynamic_int8: {{}}
+          onnxruntime_fp32: {{opset: {{low: 14, high: 18}}}}
+          torch_dynamic_int8: {{engine: [x86, fbgemm]}}
+          onnxruntime_dynamic_int8: {{per_channel: [true, false], weight_type: [int8, uint8]}}
     """))
     return path
 
@@ -85,7 +86,7 @@ def test_a_sweep_writes_its_rows_and_artifacts_to_s3(s3_endpoint: str, tmp_path:
     assert run.returncode == 0, run.stdout + run.stderr
 
     df = results.load(study_uri)
-    assert sorted(df["trial_number"]) == [0, 1, 2] and set(df["state"]) == {"complete"}
+    assert len(df) == 3 and df["trial_number"].is_unique and set(df["state"]) == {"complete"}
     for uri in df["artifact_path"]:
         artifact = location(uri)
         assert isinstance(artifact, RemotePath) and artifact.is_file(), uri
@@ -106,7 +107,7 @@ def test_a_sweep_writes_its_rows_and_artifacts_to_s3(s3_endpoint: str, tmp_path:
                      env={"SWEEPER_CACHE_DIR": str(tmp_path / "fresh-cache")})
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     after = results.load(study_uri)
-    assert sorted(after["trial_number"]) == [0, 1, 2, 3, 4]
+    assert len(after) == 5 and after["trial_number"].is_unique
     kept = after.set_index("trial_number").loc[[0, 1, 2], "finished_at"].tolist()
     assert kept == df["finished_at"].tolist(), "rows are never rewritten"
 

@@ -44,7 +44,7 @@ def test_sweep_writes_one_honest_row_per_trial(ray_local, write_space, tmp_path:
     summary = run_sweep(space, SweepOptions(out=tmp_path / "out"), lambda event: events.append(event.kind))
     df = results.load(summary.study_dir)
 
-    assert sorted(df["trial_number"]) == list(range(8)), "exactly one row per trial"
+    assert len(df) == 8 and df["trial_number"].is_unique, "exactly one row per trial"
     assert summary.rows_written == 8 and events.count("finished") == 8
     assert set(df["state"]) == {"complete"}, df[["backend", "error"]].to_string()
     assert df["backend"].nunique() >= 2
@@ -79,11 +79,12 @@ def test_a_failing_trial_is_a_failed_row_and_the_sweep_goes_on(ray_local, write_
         backends:
           onnxruntime_static_int8:
             calibration_samples: [32, 128]
-          torch_dynamic_int8: {{}}
+            per_channel: [true, false]
+          torch_dynamic_int8: {{engine: [x86, fbgemm]}}
     """))
     summary = run_sweep(space, SweepOptions(out=tmp_path / "out"))
     df = results.load(summary.study_dir)
-    assert sorted(df["trial_number"]) == list(range(6))
+    assert len(df) == 6 and df["trial_number"].is_unique
     samples = df["params_json"].map(lambda p: json.loads(p).get("calibration_samples"))
     failed = df[df["state"] == "failed"]
     assert not failed.empty and (df["state"] == "complete").any(), df[["backend", "state"]].to_string()
@@ -92,7 +93,8 @@ def test_a_failing_trial_is_a_failed_row_and_the_sweep_goes_on(ray_local, write_
     assert failed["error"].str.contains("OSError: calibration sample 65 is unreadable").all()
     assert not failed["feasible"].any() and failed["latency_ms_p50"].isna().all()
     states = _journal_states(summary.study_dir, "space")
-    assert {n for n, s in states.items() if s == "FAIL"} == set(failed["trial_number"])
+    # Optuna ignores FAIL trials; a failed one is told PRUNED with a large violation (sweeper.study).
+    assert set(failed["trial_number"]) <= {n for n, s in states.items() if s == "PRUNED"}
 
 
 def test_a_hanging_trial_is_cancelled_after_the_timeout(ray_local, write_space, tmp_path: Path) -> None:
@@ -105,10 +107,11 @@ def test_a_hanging_trial_is_cancelled_after_the_timeout(ray_local, write_space, 
         backends:
           onnxruntime_static_int8:
             calibration_samples: [32, 128]
+            per_channel: [true, false]
     """))
     summary = run_sweep(space, SweepOptions(out=tmp_path / "out"))
     df = results.load(summary.study_dir)
-    assert sorted(df["trial_number"]) == list(range(4))
+    assert len(df) == 4 and df["trial_number"].is_unique
     samples = df["params_json"].map(lambda p: json.loads(p)["calibration_samples"])
     hung = df[samples == 128]
     assert not hung.empty and (df.loc[samples == 32, "state"] == "complete").all()
@@ -124,8 +127,9 @@ def test_an_interrupted_sweep_resumes_without_duplicates(ray_local, write_space,
         max_concurrent: 2
         constraint: {max_drop: 1.0}
         backends:
-          onnxruntime_fp32: {}
-          torch_dynamic_int8: {}
+          onnxruntime_fp32: {opset: {low: 14, high: 18}}
+          torch_dynamic_int8: {engine: [x86, fbgemm]}
+          onnxruntime_dynamic_int8: {per_channel: [true, false], weight_type: [int8, uint8]}
     """))
     out = tmp_path / "out"
     finished: list[int] = []
