@@ -135,6 +135,7 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
     Raises:
         SweeperInputError: when the address is malformed or nothing answers there.
     """
+    _default_token_auth()
     if address == "auto":
         resolved = resolve_auto_address()
         if resolved.startswith(("http://", "https://")):
@@ -166,6 +167,12 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def _default_token_auth() -> None:
+    """Token authentication unless the user chose otherwise; Ray reads it once, when imported."""
+    if "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def connect(
     address: str | None = None,
     *,
@@ -178,8 +185,7 @@ def connect(
     Raises:
         SweeperInputError: when no cluster answers at ``address``.
     """
-    if "ray" not in sys.modules:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    _default_token_auth()
     if address is not None:
         check_address(address)
     import ray

@@ -15,7 +15,7 @@ from typing import Any
 
 from sweeper import results, study_folder
 from sweeper.backends import get_backend
-from sweeper.cluster import cluster_cpus, connect, worker_launch
+from sweeper.cluster import check_address, cluster_cpus, connect, worker_launch
 from sweeper.dispatch import Dispatcher
 from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.events import EventHandler, SweepPhase, SweepStarted, TrialFinished, TrialRecovered, TrialStarted, ignore
@@ -88,6 +88,8 @@ def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None
     # On an existing cluster the workers find the task through a runtime env (see cluster.py).
     launch = worker_launch(options.address, task_path)
     task_ref = TaskRef(name=task_path.stem, path=launch.task_path)
+    if options.address is not None:
+        check_address(options.address)  # a bad address is one line, before anything starts
     study_dir = study_folder.prepare(options.out, study_name, options.resume)
     created = not options.resume
     with stop_on_signals() as stop:

@@ -108,7 +108,7 @@ def test_a_sweep_writes_its_rows_and_artifacts_to_s3(s3_endpoint: str, tmp_path:
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
     after = results.load(study_uri)
     assert len(after) == 5 and after["trial_number"].is_unique
-    kept = after.set_index("trial_number").loc[[0, 1, 2], "finished_at"].tolist()
+    kept = after.set_index("trial_number").loc[df["trial_number"].tolist(), "finished_at"].tolist()
     assert kept == df["finished_at"].tolist(), "rows are never rewritten"
 
     shown = _sweeper("show", study_uri, cwd=tmp_path)
