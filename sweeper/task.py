@@ -128,14 +128,12 @@ def _checked(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
             check_sample_count(self, bound.arguments["n"])
         return method(self, *args, **kwargs)
 
-    checked._checked_by_task = True  # type: ignore[attr-defined]
+    checked.__dict__["_checked_by_task"] = True
     return checked
 
 
 def check_batch_size(batch_size: int) -> None:
     """Raise ``TaskError`` unless ``batch_size`` is an integer >= 1."""
-    from sweeper.errors import TaskError
-
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise TaskError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
