@@ -267,11 +267,12 @@ class RunningStudy:
         from optuna.trial import TrialState
 
         result = failed_result(f"{INTERRUPTED} {why}; it is asked again on --resume")
-        results.write_row(self.study_dir, make_row(self.space, spec, result, self.baseline))
+        row = make_row(self.space, spec, result, self.baseline)
+        results.write_row(self.study_dir, row)
         study.tell(trial, state=TrialState.FAIL)
         study.enqueue_trial(dict(trial.params), skip_if_exists=False)
         study_folder.mirror_journal(self.study_dir, self.storage_url)
-        self.emit(TrialRecovered(row=make_row(self.space, spec, result, self.baseline)))
+        self.emit(TrialRecovered(row=row))
 
 
 def run_trials(study: Any, run: RunningStudy, remaining: int, max_concurrent: int, stop: StopFlag,
