@@ -40,8 +40,8 @@ def tiny_spec(artifact_dir: Path, measure: MeasureSettings = TINY) -> TrialSpec:
 
 
 def direct_trials(spec: TrialSpec, n: int) -> list[float]:
-    """Seconds of ``n`` in-process :func:`sweeper.trial.run_trial` calls, after one warm-up call."""
-    from sweeper.trial import run_trial
+    """Seconds of ``n`` in-process :func:`sweeper.worker.run_trial` calls, after one warm-up call."""
+    from sweeper.worker import run_trial
 
     first = run_trial(spec)
     if first.state != "complete":

@@ -76,7 +76,7 @@ class CacheRoots:
     """
 
     def __init__(self, base: Path) -> None:
-        from sweeper.cache import cache_dir
+        from sweeper.location import cache_dir
 
         self.base = base
         self.user_root = cache_dir()

@@ -5,7 +5,7 @@ Usage: ``python benchmarks/benchmark_overhead.py [--trials 30] [--out results/be
 The tiny trial is the digits CNN (scikit-learn's 8x8 digits, trained once and cached) on
 ``onnxruntime_fp32`` with one timed call: it opens the cached ONNX file, evaluates 360 samples and
 times one call, so the sweeper's own cost is a visible share of it. The direct calls run
-:func:`sweeper.trial.run_trial` in this process after one warm-up call; the sweep runs
+:func:`sweeper.worker.run_trial` in this process after one warm-up call; the sweep runs
 :func:`sweeper.study.run_sweep` on an embedded local Ray with one trial in flight. Reported:
 
 - setup: from ``run_sweep`` to its ``start`` event (Ray start, the FP32 baseline in a Ray task);

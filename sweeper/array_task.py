@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from sweeper.cache import cache_dir, cache_key, cached_file
 from sweeper.errors import ConfigError, TaskError
+from sweeper.location import cache_dir, cache_key, cached_file
 from sweeper.task import Batch, LabeledBatch, Task, check_batch_size
 
 if TYPE_CHECKING:

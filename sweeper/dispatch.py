@@ -14,7 +14,7 @@ from typing import Any
 
 from sweeper.space import Space
 from sweeper.spec import TrialResult, TrialSpec, failed_result
-from sweeper.trial import run_trial_with_ledger
+from sweeper.worker import run_trial_with_ledger
 
 # Ray retries a trial whose worker process or node died this many times before it is failed.
 SYSTEM_RETRIES = 2

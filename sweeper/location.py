@@ -10,13 +10,26 @@ Object stores have no rename and no "create if absent" through pyarrow: a row is
 PUT (readers never see half an object) after a check that no object is at its key. That check
 and the write are not one atomic step, so the guarantee "never overwrite a row" rests on the
 study having one writer: its driver.
+
+The per-machine cache (:func:`cache_dir`): trained task weights, exported models, calibration
+results.
+
+``SWEEPER_CACHE_DIR`` overrides the location (default ``~/.cache/sweeper``). Files are written to
+a temporary name and renamed, so a reader never sees half a file and two processes that fill the
+same entry at once both end with a whole one.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -148,3 +161,62 @@ class RemotePath:
     def remove_tree(self) -> None:
         if self.is_dir():
             self.fs.delete_dir(self.path)
+
+
+def cache_dir(*parts: str) -> Path:
+    """Return (and create) a folder under the cache root."""
+    root = Path(os.environ.get("SWEEPER_CACHE_DIR") or Path.home() / ".cache" / "sweeper")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_key(**fields: Any) -> str:
+    """Return a short stable hash of JSON-serialisable ``fields``."""
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cached_file(path: Path, make: Callable[[Path], None]) -> Path:
+    """Return ``path``, first calling ``make(tmp)`` to write it atomically if it does not exist."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        make(tmp_path)
+        os.chmod(tmp_path, 0o644)  # mkstemp makes 0600; the cache may be shared between users
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return path
+
+
+# Artifacts up to this size travel home with the result, through Ray's object store.
+ARTIFACT_RETURN_LIMIT_BYTES = 2 * 1024**3
+
+
+def ship_artifact(artifact: Path, destination: str) -> dict[str, Any]:
+    """Send a saved artifact (file or folder) where the study keeps it; return the result's fields.
+
+    A remote study folder (a URI) gets it uploaded from here. Otherwise its files go back with
+    the result and the driver writes them into its study folder, so the nodes need no folder
+    shared with the driver; one larger than :data:`ARTIFACT_RETURN_LIMIT_BYTES` is written here,
+    at ``destination``, which must then be shared storage.
+    """
+    files = [artifact] if artifact.is_file() else sorted(p for p in artifact.rglob("*") if p.is_file())
+    relative = {p.relative_to(artifact.parent).as_posix(): p for p in files}
+    if is_uri(destination):
+        target = location(destination)
+        for name, path in relative.items():
+            (target / name).write_bytes(path.read_bytes())
+        return {"artifact_path": str(target / artifact.name)}
+    if sum(p.stat().st_size for p in files) <= ARTIFACT_RETURN_LIMIT_BYTES:
+        return {"artifact_name": artifact.name, "artifact_files": {n: p.read_bytes() for n, p in relative.items()}}
+    target = Path(destination)
+    for name, path in relative.items():
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / name)
+    return {"artifact_path": str(target / artifact.name)}

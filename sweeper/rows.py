@@ -9,7 +9,7 @@ from typing import Any
 
 from sweeper.backends import get_backend
 from sweeper.errors import ConfigError
-from sweeper.measure import accuracy_drop
+from sweeper.measure import DropCounts, accuracy_drop, drop_interval
 from sweeper.results import COLUMN_NAMES
 from sweeper.space import Space
 from sweeper.spec import (
@@ -22,7 +22,6 @@ from sweeper.spec import (
     TrialResult,
     TrialSpec,
 )
-from sweeper.uncertainty import DropCounts, drop_interval
 
 
 def counts_toward_budget(row: dict[str, Any]) -> bool:

@@ -35,11 +35,10 @@ import numpy as np
 from sweeper import __version__, results
 from sweeper.analysis import SENSITIVITY_FILE
 from sweeper.backends import get_backend
-from sweeper.cache import cache_dir, cache_key
 from sweeper.errors import SensitivityError, SweeperInputError
 from sweeper.events import EventHandler, SensitivityProgress
 from sweeper.exclusion import check_against_ranking
-from sweeper.location import StudyPath
+from sweeper.location import StudyPath, cache_dir, cache_key
 from sweeper.measure import accuracy_drop
 from sweeper.scoring import describe_error, list_layers, score_layers, sqnr_db
 from sweeper.space import Space

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from sweeper import results
-from sweeper.cache import cache_dir
 from sweeper.errors import SweeperInputError
-from sweeper.location import RemotePath, StudyPath, location
+from sweeper.location import RemotePath, StudyPath, cache_dir, location
 
 JOURNAL = "study.journal"
 

@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sweeper.cache import cache_dir, cache_key, cached_file
 from sweeper.errors import TaskError
+from sweeper.location import cache_dir, cache_key, cached_file
 from sweeper.task import Batch, LabeledBatch, Task
 
 IMAGE_SIZE = 224

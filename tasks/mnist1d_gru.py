@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sweeper.array_task import ArrayClassificationTask, ArraySplit, ArraySplits, TrainingRecipe
-from sweeper.cache import cache_dir, cache_key, cached_file
+from sweeper.location import cache_dir, cache_key, cached_file
 
 _SPLIT_SEED = 0
 _CALIBRATION_SIZE = 500

@@ -17,10 +17,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from sweeper.backends._base import BuildContext
-from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends import BuildContext
 from sweeper.backends.onnx.config import OnnxExportConfig
-from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.export import OrtBackend, export_onnx
 from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
     check_nodes_to_exclude,

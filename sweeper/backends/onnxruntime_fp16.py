@@ -23,12 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from sweeper.backends._base import BuildContext
-from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends import BuildContext
 from sweeper.backends.onnx.config import OnnxExportConfig
-from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.export import OrtBackend, export_onnx
 from sweeper.backends.onnx.runtime import OnnxCandidate, check_nodes_to_exclude, quiet
-from sweeper.cache import cache_key, cached_file
+from sweeper.location import cache_key, cached_file
 
 if TYPE_CHECKING:
     import onnx

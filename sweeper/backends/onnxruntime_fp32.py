@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from sweeper.backends._base import BuildContext
-from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends import BuildContext
 from sweeper.backends.onnx.config import OnnxExportConfig
-from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.export import OrtBackend, export_onnx
 from sweeper.backends.onnx.runtime import OnnxCandidate
 
 

@@ -30,10 +30,9 @@ from typing import Any, ClassVar, Literal, Self
 import numpy as np
 from pydantic import Field, model_validator
 
-from sweeper.backends._base import BuildContext
-from sweeper.backends.onnx.backend import OrtBackend
+from sweeper.backends import BuildContext
 from sweeper.backends.onnx.config import OnnxExportConfig
-from sweeper.backends.onnx.export import export_onnx
+from sweeper.backends.onnx.export import OrtBackend, export_onnx
 from sweeper.backends.onnx.runtime import (
     OnnxCandidate,
     check_nodes_to_exclude,
@@ -42,7 +41,7 @@ from sweeper.backends.onnx.runtime import (
     quantizer_input,
     quiet,
 )
-from sweeper.cache import cache_key, cached_file
+from sweeper.location import cache_key, cached_file
 from sweeper.task import Batch, check_sample_count
 
 CalibrationMethod = Literal["minmax", "entropy", "percentile", "distribution"]

@@ -27,7 +27,7 @@ from typing import ClassVar, Self
 import numpy as np
 from pydantic import Field, model_validator
 
-from sweeper.backends._base import Backend, BuildContext, Hardware
+from sweeper.backends import Backend, BuildContext, Hardware
 from sweeper.backends.onnx.export import export_onnx, preflight_export
 from sweeper.backends.onnxruntime_fp16 import convertible_nodes, float16_model
 from sweeper.backends.onnxruntime_static_int8 import (

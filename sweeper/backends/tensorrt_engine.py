@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from sweeper.backends._base import BuildContext, Candidate
+from sweeper.backends import BuildContext, Candidate
 from sweeper.task import Batch, Task
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext, Hardware
+from sweeper.backends import Backend, BackendConfig, BuildContext, Hardware
 from sweeper.backends.torch.device import (
     DeviceTorchCandidate,
     cuda_device,

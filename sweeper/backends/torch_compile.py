@@ -30,7 +30,7 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, cast
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext
+from sweeper.backends import Backend, BackendConfig, BuildContext
 from sweeper.backends.torch.eager import (
     STATE_DICT_FILE,
     TorchCandidate,

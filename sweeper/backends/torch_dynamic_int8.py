@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import field_validator
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext
+from sweeper.backends import Backend, BackendConfig, BuildContext
 from sweeper.backends.torch.eager import (
     TorchCandidate,
     load_state_dict,

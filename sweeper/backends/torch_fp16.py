@@ -14,7 +14,7 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext, Hardware
+from sweeper.backends import Backend, BackendConfig, BuildContext, Hardware
 from sweeper.backends.torch.device import (
     DeviceTorchCandidate,
     cuda_device,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import Field
 
-from sweeper.backends._base import BuildContext
+from sweeper.backends import BuildContext
 from sweeper.backends.torch.eager import quiet_torch_quantization
 from sweeper.backends.torch.fx_int8 import (
     FxInt8Backend,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from sweeper.backends._base import BuildContext
+from sweeper.backends import BuildContext
 from sweeper.backends.torch.eager import quiet_torch_quantization
 from sweeper.backends.torch.fx_int8 import (
     FxInt8Backend,

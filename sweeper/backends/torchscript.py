@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Self
 
 from pydantic import model_validator
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext
+from sweeper.backends import Backend, BackendConfig, BuildContext
 from sweeper.backends.torch.eager import torch_unavailable_reason
 from sweeper.backends.torch.jit import (
     TorchScriptCandidate,

@@ -94,9 +94,8 @@ def start_head(
         dashboard_url=f"http://127.0.0.1:{ports['--dashboard-port']}",
     )
     deadline = time.monotonic() + timeout_s
-    import urllib.request
-
     import urllib.error
+    import urllib.request
 
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_head import start_head
 
 from sweeper import results
-
-from ray_head import start_head
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,8 @@ import pytest
 
 from sweeper import results
 from sweeper.errors import SweeperInputError
-from sweeper.study import FAILED_VIOLATION
 from sweeper.space import load_space
-from sweeper.study import SweepOptions, run_sweep
+from sweeper.study import FAILED_VIOLATION, SweepOptions, run_sweep
 
 pytestmark = pytest.mark.integration
 

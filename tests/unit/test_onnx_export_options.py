@@ -15,8 +15,7 @@ from pydantic import ValidationError
 
 from sweeper.backends import BuildContext, get_backend
 from sweeper.backends.onnx.config import OnnxExportConfig, OnnxValidationError
-from sweeper.backends.onnx.export import export_onnx
-from sweeper.backends.onnx.export import VALIDATION_BATCH_SIZES
+from sweeper.backends.onnx.export import VALIDATION_BATCH_SIZES, export_onnx
 from sweeper.errors import ConfigError
 from sweeper.task import Batch, LabeledBatch, Task, load_task
 

@@ -115,7 +115,7 @@ def test_weight_qdq_and_output_qdq_belong_to_the_layer() -> None:
 
 
 def test_expand_units_keeps_single_nodes_and_order() -> None:
-    from sweeper.backends._base import LayerUnit
+    from sweeper.backends import LayerUnit
 
     units = [LayerUnit(name="a", op_type="Conv", members=("a", "a_relu")), LayerUnit(name="b", op_type="Gemm", members=("b",))]
     assert expand_units(units, ["b", "x", "a", "a_relu"]) == ["b", "x", "a", "a_relu"]

@@ -6,7 +6,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from sweeper.timing_lock import exclusive_timing, record_phase
+from sweeper.measure import exclusive_timing, record_phase
 
 
 def _phases(lock_dir: str, out: multiprocessing.Queue) -> None:

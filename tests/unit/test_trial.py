@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sweeper.spec import MeasureSettings, TaskRef, TrialSpec
-from sweeper.trial import run_trial
+from sweeper.worker import run_trial
 
 FAST = MeasureSettings(warmup_runs=1, min_runs=5, min_time_s=0.0)
 
@@ -57,7 +57,7 @@ def test_a_failing_build_is_a_failed_result(tmp_path: Path, digits_task_path: Pa
 @pytest.mark.parametrize("backend", ["onnxruntime_static_int8", "onnxruntime_dynamic_int8"])
 def test_quantizable_layers_are_what_exclusion_takes(tmp_path: Path, digits_task_path: Path, backend: str) -> None:
     from sweeper.backends import BuildContext, get_backend
-    from sweeper.cache import cache_dir
+    from sweeper.location import cache_dir
     from sweeper.worker import prepare_baseline
 
     baseline = prepare_baseline(TaskRef(name="digits_cnn", path=str(digits_task_path)), 256)

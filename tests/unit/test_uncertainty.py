@@ -1,4 +1,4 @@
-"""Intervals of accuracy drops, the pruning test and latency ties (sweeper.uncertainty)."""
+"""Intervals of accuracy drops, the pruning test and latency ties (sweeper.measure)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from sweeper.uncertainty import DropCounts, drop_interval, should_prune, stratified_subset, tied
+from sweeper.measure import DropCounts, drop_interval, should_prune, stratified_subset, tied
 
 
 @dataclass(frozen=True)

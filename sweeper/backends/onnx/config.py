@@ -6,7 +6,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from sweeper.backends._base import BackendConfig
+from sweeper.backends import BackendConfig
 from sweeper.errors import SweeperInputError
 from sweeper.task import Task
 

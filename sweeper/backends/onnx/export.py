@@ -12,22 +12,26 @@ are compared with the original model's (PyTorch, or Keras for a tf2onnx export).
 error is cached beside the ONNX file, since it depends only on the file and the model; each config
 compares it with its ``validate_atol``, so a trial with a mismatch fails with the maximum error in
 its row.
+
+:class:`OrtBackend` is the base of the ONNX Runtime backends: it exports in preflight and reloads
+its ONNX artifact as a session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from sweeper.backends._base import BuildContext
+from sweeper.backends import Backend, BuildContext, LayerUnit
 from sweeper.backends.onnx.config import (
     SIMPLIFIERS,
     Exporter,
@@ -36,7 +40,16 @@ from sweeper.backends.onnx.config import (
     OnnxValidationError,
     describe_export,
 )
-from sweeper.backends.onnx.runtime import ORT_DTYPES, make_session, quiet
+from sweeper.backends.onnx.layers import module_path
+from sweeper.backends.onnx.runtime import (
+    ORT_DTYPES,
+    OnnxCandidate,
+    load_onnx_candidate,
+    make_session,
+    onnx_layer_units,
+    onnx_unavailable_reason,
+    quiet,
+)
 from sweeper.backends.onnx.tf2onnx import (
     export_keras,
     is_keras_model,
@@ -44,8 +57,8 @@ from sweeper.backends.onnx.tf2onnx import (
     keras_outputs,
     tf2onnx_versions,
 )
-from sweeper.cache import cache_key, cached_file
 from sweeper.errors import ConfigError
+from sweeper.location import cache_key, cached_file
 from sweeper.task import Batch, Task
 
 if TYPE_CHECKING:
@@ -339,3 +352,30 @@ def reference_outputs(model: torch.nn.Module, task: Task, batch: Batch) -> np.nd
     if isinstance(output, tuple | list):
         output = output[0]
     return output.detach().cpu().double().numpy()
+
+
+OnnxConfigT = TypeVar("OnnxConfigT", bound=OnnxExportConfig)
+
+
+class OrtBackend(Backend[OnnxConfigT]):
+    """What the ONNX Runtime backends share: they need torch, onnx and onnxruntime, export the
+    model before any trial (preflight), and reload their ONNX artifact as a session."""
+
+    def unavailable_reason(self) -> str | None:
+        return onnx_unavailable_reason()
+
+    def preflight(self, ctx: BuildContext, config: OnnxConfigT) -> None:
+        preflight_export(self.name, ctx, config)
+
+    def load(self, artifact: Path, ctx: BuildContext, config: OnnxConfigT) -> OnnxCandidate:
+        return load_onnx_candidate(artifact, ctx.num_threads)
+
+    def exclusion_units(self, ctx: BuildContext, config: OnnxConfigT) -> tuple[list[LayerUnit], list[str]]:
+        """The layers with weights, each with its activation and Q/DQ nodes, named by the weight
+        node (:mod:`sweeper.backends.onnx.layers`); and every quantizable node."""
+        nodes = self.quantizable_layers(ctx, config)
+        units = onnx_layer_units(export_onnx(ctx, config), nodes)
+        named = getattr(ctx.model, "named_modules", None)
+        modules = {name for name, _ in named()} if callable(named) else None
+        units = [dataclasses.replace(u, module=module_path(u.name, modules)) for u in units]
+        return units, [name for name, _ in nodes]

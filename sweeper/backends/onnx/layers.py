@@ -29,7 +29,7 @@ import re
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
-from sweeper.backends._base import LayerUnit
+from sweeper.backends import LayerUnit
 
 if TYPE_CHECKING:
     import onnx

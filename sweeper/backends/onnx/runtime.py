@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._base import Candidate, LayerUnit
+from sweeper.backends import Candidate, LayerUnit
 from sweeper.backends.onnx.layers import expand_units, layer_units
 from sweeper.errors import ConfigError, did_you_mean
 from sweeper.task import Batch

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.backends._base import Candidate
+from sweeper.backends import Candidate
 from sweeper.task import Batch, Task
 
 if TYPE_CHECKING:

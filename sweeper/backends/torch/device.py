@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeper.backends._base import BuildContext
+from sweeper.backends import BuildContext
 from sweeper.backends.torch.eager import TorchCandidate, load_state_dict
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.backends._base import Candidate
+from sweeper.backends import Candidate
 from sweeper.task import Batch
 
 if TYPE_CHECKING:

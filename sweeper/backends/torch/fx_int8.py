@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
 from pydantic import field_validator
 
-from sweeper.backends._base import Backend, BackendConfig, BuildContext
+from sweeper.backends import Backend, BackendConfig, BuildContext
 from sweeper.backends.torch.eager import torch_unavailable_reason
 from sweeper.backends.torch.jit import TorchScriptCandidate, load_torchscript
 from sweeper.errors import ConfigError, SweeperInputError, did_you_mean
