@@ -42,7 +42,7 @@ def test_timed_phases_never_overlap_with_two_trials_in_flight(ray_local, write_s
     assert len(df) == 6 and set(df["state"]) == {"complete"}
     assert (df["concurrent_timings"] == 0).all(), "no timed phase overlapped another"
     assert df["timing_wait_s"].notna().all() and (df["timing_wait_s"] >= 0).all(), "lock waits are recorded"
-    # That the lock excludes (one process waits while another holds it): tests/unit/test_timing_lock.py.
+    # That the lock excludes (one process waits while another holds it): tests/unit/test_timing_lock.py (sweeper.measure.exclusive_timing).
 
 
 def test_parameterless_backends_are_built_once_and_the_budget_counts_distinct_configurations(
