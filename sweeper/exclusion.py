@@ -177,7 +177,8 @@ def suggest_excluded(trial: Any, backend: str, search: ExclusionSearch, ranking:
         k = int(trial.suggest_categorical(label, list(top_k.values)))
     else:
         k = trial.suggest_int(label, int(top_k.low), int(top_k.high))
-    chosen = always | set(free[:k])
+    # Leaving every layer in float is the FP32 model, not an INT8 one: k stops one short of that.
+    chosen = always | set(free[: min(k, max(0, len(ranking) - len(always) - 1))])
     for layer in free[: search.per_layer]:
         if trial.suggest_categorical(f"{backend}.exclude.{layer}", [False, True]):
             chosen.add(layer)

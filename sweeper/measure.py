@@ -1,8 +1,9 @@
 """Measurement: latency, accuracy drop, fidelity, and how sure each figure is.
 
 Sections: timing (:func:`time_interleaved`), exclusive timing per machine
-(:func:`exclusive_timing`), accuracy and fidelity, and uncertainty (:class:`DropCounts`,
-:func:`drop_interval`, :func:`should_prune`, :func:`tied`).
+(:func:`exclusive_timing`), evaluation (:class:`EvalData`, :func:`predict_rows`), accuracy and
+fidelity, and uncertainty (:class:`DropCounts`, :func:`drop_interval`, :func:`should_prune`,
+:func:`tied`).
 
 The FP32 baseline is timed in the same process as the candidate, in alternating rounds, so that
 ``speedup`` compares two models under the same machine load; absolute times on a busy machine
@@ -35,6 +36,7 @@ are a tie; the noise is a bootstrap interval of the ratio of their medians.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import tempfile
@@ -43,11 +45,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from sweeper.spec import LatencyStats, MeasureSettings
+from sweeper.task import Batch, Task
 
 DropMode = Literal["absolute", "relative"]
 
@@ -137,6 +140,58 @@ def max_abs_error(reference: np.ndarray, outputs: np.ndarray) -> float:
 
 # The ledger keeps this many recent phases; older ones cannot overlap a phase starting now.
 LEDGER_ENTRIES = 1000
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The evaluation split as the task yields it: its batches (kept as they are, so batches of
+    different widths stay valid) and every sample's label, in order."""
+
+    batches: list[Batch]
+    labels: np.ndarray
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Where each batch starts in the split, and the split's end."""
+        sizes = [len(next(iter(b.values()))) for b in self.batches]
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    @classmethod
+    def load(cls, task: Task, batch_size: int) -> EvalData:
+        batches, labels = [], []
+        for batch, y in task.eval_batches(batch_size):
+            batches.append(batch)
+            labels.append(np.asarray(y))
+        return cls(batches=batches, labels=np.concatenate(labels))
+
+    def digest(self) -> str:
+        """A hash of every input array and the labels."""
+        sha = hashlib.sha256()
+        for batch in self.batches:
+            for name in sorted(batch):
+                array = np.ascontiguousarray(batch[name])
+                sha.update(f"{name}{array.dtype}{array.shape}".encode())
+                sha.update(array.tobytes())
+        sha.update(np.ascontiguousarray(self.labels).tobytes())
+        return sha.hexdigest()[:16]
+
+
+def predict_rows(predict: Callable[[Batch], Any], data: EvalData, rows: np.ndarray | None = None) -> np.ndarray:
+    """``predict``'s outputs on the given sorted sample indices of ``data`` (all when ``None``),
+    in that order; each batch is cut to its chosen rows."""
+    pieces = []
+    offsets = data.offsets
+    for i, batch in enumerate(data.batches):
+        start, stop = offsets[i], offsets[i + 1]
+        if rows is not None:
+            chosen = rows[(rows >= start) & (rows < stop)] - start
+            if len(chosen) == 0:
+                continue
+            if len(chosen) < stop - start:
+                batch = {name: value[chosen] for name, value in batch.items()}
+        pieces.append(np.asarray(predict(batch), dtype=np.float32))
+    return np.concatenate(pieces)
+
 
 
 @dataclass

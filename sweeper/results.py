@@ -32,9 +32,9 @@ from sweeper.spec import VERSIONED_PACKAGES
 if TYPE_CHECKING:
     import pandas as pd
 
-SCHEMA_VERSION = 2
-# Versions whose studies this one resumes: version 2 only added columns (older rows read them as missing).
-RESUMABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Versions whose studies this one resumes: versions 2 and 3 only added columns (older rows read them as missing).
+RESUMABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -63,7 +63,7 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     (
         "subset_accuracy",
         pa.float64(),
-        "candidate metric on the first share of the evaluation split (cheap-first evaluation)",
+        "candidate metric on a seeded, stratified share of the evaluation split (cheap-first evaluation)",
     ),
     ("subset_accuracy_fp32", pa.float64(), "FP32 metric on that share"),
     ("subset_samples", pa.int64(), "samples in that share"),
@@ -86,6 +86,15 @@ COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("baseline_latency_ms_p90", pa.float64(), "FP32 baseline latency, 90th percentile"),
     ("speedup", pa.float64(), "baseline_latency_ms_p50 / latency_ms_p50"),
     ("baseline_runtime", pa.string(), "what the FP32 baseline ran on: pytorch (eager) or keras"),
+    ("baseline_device", pa.string(), "the device the FP32 baseline was timed on: the candidate's (cpu, cuda)"),
+    (
+        "objective_value",
+        pa.float64(),
+        "what Optuna was told: a latency objective scaled by the same-trial baseline "
+        "(candidate / baseline x the study's reference FP32 latency), so drift between trials cancels",
+    ),
+    ("fp32_fingerprint", pa.string(), "hash of the FP32 weights and evaluation data on the trial's node"),
+    ("node_accuracy_fp32", pa.float64(), "FP32 metric measured on the trial's node (the drop uses accuracy_fp32)"),
     ("timing_wait_s", pa.float64(), "seconds the trial waited for the machine's timing lock"),
     ("concurrent_timings", pa.int32(), "other timed phases on the machine overlapping this one (0 by construction)"),
     ("size_bytes", pa.int64(), "bytes of the saved artifact"),

@@ -111,7 +111,26 @@ def _judged(space: Space, result: TrialResult, baseline: FP32Baseline) -> dict[s
         row |= _drop_interval(space, result, baseline)
     if result.baseline_latency is not None and result.latency is not None and result.latency.p50 > 0:
         row["speedup"] = result.baseline_latency.p50 / result.latency.p50
+    if result.state == "complete":
+        row["objective_value"] = objective_value(space.objective, result, baseline)
     return row
+
+
+def objective_value(objective: str, result: TrialResult, baseline: FP32Baseline) -> float | None:
+    """What Optuna is told. A latency objective is the candidate's latency relative to the FP32
+    model timed interleaved with it in the same trial, times the study's reference FP32 latency
+    (timed once on the same device), so that machine drift between trials cancels; without a
+    reference (older studies, another device) it is the latency as measured."""
+    if not objective.startswith("latency_ms_") or result.latency is None:
+        return float(result.size_bytes) if objective == "size_bytes" and result.size_bytes is not None else None
+    stat = objective.removeprefix("latency_ms_")
+    measured = float(getattr(result.latency, stat))
+    reference = (baseline.reference_latency_ms or {}).get(stat)
+    base = getattr(result.baseline_latency, stat) if result.baseline_latency is not None else None
+    same_device = (result.baseline_device or "cpu") == baseline.reference_device
+    if reference is None or not base or not same_device:
+        return measured
+    return measured / float(base) * reference
 
 
 def _drop_interval(space: Space, result: TrialResult, baseline: FP32Baseline) -> dict[str, Any]:

@@ -110,13 +110,17 @@ class HardwareTarget(_Strict):
 class EarlyStop(_Strict):
     """Cheap-first evaluation: score a share of the evaluation split first, prune hopeless trials.
 
-    A trial whose drop on the first ``fraction`` of the evaluation split exceeds the constraint's
-    ``max_drop`` plus ``margin`` (same units) is recorded as pruned, with that subset's figures,
-    and is never timed.
+    A trial first scores a seeded random share (``fraction``) of the evaluation split, stratified
+    by label. For a top-1 task it is pruned (recorded with that subset's figures, never timed) only
+    when an exact one-sided bound on its discordant predictions says the whole split's drop exceeds
+    the constraint's ``max_drop`` with ``confidence``: a candidate at the limit is pruned at most
+    ``1 - confidence`` of the time. For any other metric the subset's drop is compared with
+    ``max_drop`` plus ``margin`` (same units).
     """
 
     fraction: float = Field(default=0.25, gt=0, lt=1)
     margin: float = Field(default=2.0, ge=0)
+    confidence: float = Field(default=0.95, ge=0.5, lt=1)
 
 
 class SpaceFile(_Strict):

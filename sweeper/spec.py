@@ -78,6 +78,13 @@ class TrialSpec:
     # when its drop, in the metric's units, exceeds prune_above_drop.
     early_stop_fraction: float | None = None
     prune_above_drop: float | None = None
+    # For a top-1 task the subset decides through a bound: prune only when the whole split's drop
+    # (points) exceeds max_drop_points with prune_confidence. The subset is drawn with subset_seed.
+    max_drop_points: float | None = None
+    prune_confidence: float = 0.95
+    subset_seed: int = 0
+    # The study's FP32 fingerprint (weights and evaluation data); a node whose own differs fails.
+    fp32_fingerprint: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,8 +132,12 @@ class TrialResult:
     num_threads: int | None = None
     batch_size: int | None = None
     artifact_path: str | None = None
-    # What the FP32 baseline ran on ("pytorch" eager, or "keras" for a Keras task).
+    # What the FP32 baseline ran on ("pytorch" eager, or "keras" for a Keras task), and where.
     baseline_runtime: str | None = None
+    baseline_device: str | None = None
+    # This node's FP32 model: its fingerprint and its metric, measured where the trial ran.
+    fp32_fingerprint: str | None = None
+    node_accuracy_fp32: float | None = None
     # The timed phase held the machine's timing lock: how long it waited, and how many other timed
     # phases overlapped it (0 by construction, counted from the machine's ledger).
     timing_wait_s: float | None = None
@@ -169,11 +180,23 @@ class FP32Baseline:
     calibration_size: int | None = None
     eval_samples: int | None = None
     environment: Environment | None = None
+    # Hash of the FP32 weights and evaluation data ("<weights>-<data>"); every trial checks its own.
+    fingerprint: str | None = None
+    # The FP32 model's latency (ms per call: p50, p90, p99, mean) timed once on reference_device:
+    # a latency objective is told to Optuna as candidate / same-trial baseline x this.
+    reference_latency_ms: dict[str, float] | None = None
+    reference_device: str = "cpu"
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if data["runtime"] == "pytorch":  # the default; study files written before it was recorded lack it
             del data["runtime"]
+        # Recorded since schema 3; a study that began without them keeps its file's format.
+        for key in ("fingerprint", "reference_latency_ms"):
+            if data[key] is None:
+                del data[key]
+        if "reference_latency_ms" not in data:
+            del data["reference_device"]
         return data
 
     @classmethod

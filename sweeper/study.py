@@ -211,6 +211,13 @@ class RunningStudy:
             limit = limit / 100.0 * abs(self.baseline.metric)
         return limit
 
+    def max_drop_points(self) -> float | None:
+        """The constraint in the metric's units (points for top-1 accuracy), for the pruning bound."""
+        max_drop = self.space.constraint.max_drop
+        if self.space.constraint.mode == "relative":
+            return max_drop / 100.0 * abs(self.baseline.metric)
+        return max_drop
+
     def spec(self, trial_number: int, backend: str, params: dict[str, Any]) -> TrialSpec:
         target = self.space.backend_targets.get(backend, next(iter(self.space.targets)))
         return TrialSpec(
@@ -226,6 +233,10 @@ class RunningStudy:
             device="cuda" if self.space.targets[target].kind == "gpu" else "cpu",
             early_stop_fraction=self.space.early_stop.fraction if self.space.early_stop else None,
             prune_above_drop=self.prune_above_drop(),
+            max_drop_points=self.max_drop_points(),
+            prune_confidence=self.space.early_stop.confidence if self.space.early_stop else 0.95,
+            subset_seed=self.seed or 0,
+            fp32_fingerprint=self.baseline.fingerprint,
         )
 
     def tell(self, study: Any, trial: Any, row: dict[str, Any]) -> None:
@@ -235,7 +246,8 @@ class RunningStudy:
         max_drop = self.space.constraint.max_drop
         if row["state"] == "complete":
             trial.set_constraint("accuracy_drop", row["accuracy_drop"] - max_drop)
-            study.tell(trial, row[self.space.objective])
+            value = row.get("objective_value")
+            study.tell(trial, row[self.space.objective] if value is None else value)
             return
         if row["state"] == "pruned" and row.get("subset_accuracy") is not None:
             drop = accuracy_drop(
@@ -317,6 +329,7 @@ def _propose(study: Any, run: RunningStudy, measured: Measured) -> tuple[Any, Tr
     spec = run.spec(trial.number, backend, params)
     try:
         config = get_backend(backend).config(params)
+        _refuse_float_form(run, backend, params)
     except ConfigError as exc:
         measured.streak += 1
         rejected = rejected_key(backend, params)
@@ -332,6 +345,19 @@ def _propose(study: Any, run: RunningStudy, measured: Measured) -> tuple[Any, Tr
             run.tell(study, trial, stored)
         return None
     return trial, spec, key
+
+
+def _refuse_float_form(run: RunningStudy, backend: str, params: dict[str, Any]) -> None:
+    """A quantizing configuration that leaves every quantizable layer in float is the FP32 model
+    under another name: refuse it (a ``rejected:`` row, no budget) rather than report it as INT8."""
+    field = get_backend(backend).exclusion_field
+    ranking = run.rankings.get(backend)
+    if field is None or not ranking or not set(ranking) <= set(params.get(field) or ()):
+        return
+    raise ConfigError(
+        f"{backend}: excludes all {len(ranking)} quantizable layers, which leaves the FP32 model in float "
+        "(its float form, measured by the FP32 backends), not a quantized one"
+    )
 
 
 def _ask(study: Any, run: RunningStudy, measured: Measured) -> Any:

@@ -69,7 +69,8 @@ def study_info(
     remote = ray.remote(baseline_summary).options(**target.ray_options(), max_retries=1)
     measure = space.measure
     try:
-        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus, first_params(space)))
+        device = "cuda" if target.kind == "gpu" else "cpu"
+        baseline = ray.get(remote.remote(task_ref, measure, target.num_cpus, first_params(space), device))
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, Exception) else exc
         if isinstance(cause, SweeperInputError):

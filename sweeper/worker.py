@@ -9,6 +9,7 @@ back to the driver, which writes the row.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import platform
@@ -24,11 +25,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper.backends import BuildContext, Candidate, get_backend
-from sweeper.backends.onnx.tf2onnx import KerasCandidate, is_keras_model, keras_weights_bytes
+from sweeper.backends import BuildContext, Candidate, get_backend, is_keras_model, model_fingerprint
+from sweeper.backends.onnx.tf2onnx import KerasCandidate, keras_weights_bytes
 from sweeper.backends.torch.eager import TorchCandidate
 from sweeper.location import cache_dir, ship_artifact
-from sweeper.measure import DropCounts, accuracy_drop, agreement_pct, exclusive_timing, max_abs_error, time_interleaved
+from sweeper.measure import (
+    DropCounts,
+    EvalData,
+    accuracy_drop,
+    agreement_pct,
+    exclusive_timing,
+    max_abs_error,
+    predict_rows,
+    should_prune,
+    stratified_subset,
+    time_interleaved,
+)
 from sweeper.spec import (
     VERSIONED_PACKAGES,
     Environment,
@@ -55,18 +67,27 @@ class Baseline:
 
     task: Task
     model: torch.nn.Module
+    data: EvalData
     outputs: np.ndarray
-    labels: np.ndarray
     metric: float
     size_bytes: int
     runtime: str = "pytorch"
+    # The FP32 weights' hash and the evaluation data's hash, "<weights>-<data>": a study stores the
+    # one its baseline was measured with, and every trial checks its own against it.
+    fingerprint: str = ""
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.data.labels
 
 
-def fp32_candidate(model: Any, task: Task, num_threads: int) -> Candidate:
-    """The FP32 model as a candidate in its own framework: PyTorch eager, or Keras."""
+def fp32_candidate(model: Any, task: Task, num_threads: int, device: str = "cpu") -> Candidate:
+    """The FP32 model as a candidate in its own framework: PyTorch eager (on ``device``), or Keras."""
     if is_keras_model(model):
         return KerasCandidate(model, task)
-    return TorchCandidate(model, task.input_names, num_threads)
+    if device != "cpu":
+        model = copy.deepcopy(model).to(device)
+    return TorchCandidate(model, task.input_names, num_threads, device=device)
 
 
 def _state_bytes(model: Any) -> int:
@@ -110,15 +131,17 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
     if not is_keras_model(model):
         model = model.eval()
     fp32 = fp32_candidate(model, task, torch.get_num_threads())
-    outputs, labels = evaluate(fp32.predict, task, eval_batch_size)
+    data = EvalData.load(task, eval_batch_size)
+    outputs = predict_rows(fp32.predict, data)
     return Baseline(
         task=task,
         model=model,
+        data=data,
         outputs=outputs,
-        labels=labels,
-        metric=task.metric(outputs, labels),
+        metric=task.metric(outputs, data.labels),
         size_bytes=_state_bytes(model),
         runtime="keras" if is_keras_model(model) else "pytorch",
+        fingerprint=f"{model_fingerprint(model)}-{data.digest()}",
     )
 
 
@@ -127,11 +150,14 @@ def baseline_summary(
     measure: MeasureSettings,
     num_threads: int,
     preflight: list[tuple[str, dict[str, Any]]] | tuple[()] = (),
+    device: str = "cpu",
 ) -> FP32Baseline:
     """The FP32 figures a study needs once, after the backends' preflight checks.
 
-    Returns the FP32 metric, its direction and the state dict's size. ``preflight`` lists
-    (backend, params) pairs whose :meth:`~sweeper.backends.Backend.preflight` must pass.
+    Returns the FP32 metric, its direction, the state dict's size, the fingerprint of the weights
+    and evaluation data, and the FP32 latency on ``device`` (the reference a latency objective is
+    scaled to). ``preflight`` lists (backend, params) pairs whose
+    :meth:`~sweeper.backends.Backend.preflight` must pass.
     """
     set_threads(num_threads)
     baseline = prepare_baseline(task_ref, measure.eval_batch_size)
@@ -148,7 +174,27 @@ def baseline_summary(
         calibration_size=baseline.task.calibration_size,
         eval_samples=int(baseline.labels.shape[0]),
         environment=environment(),
+        fingerprint=baseline.fingerprint,
+        reference_latency_ms=_reference_latency(baseline, measure, num_threads, device),
+        reference_device=_usable(device) if baseline.runtime == "pytorch" else "cpu",
     )
+
+
+def _usable(device: str) -> str:
+    """``device``, or the CPU when it names a GPU this node cannot use (a CPU path of a GPU target)."""
+    import torch
+
+    return device if device == "cpu" or torch.cuda.is_available() else "cpu"
+
+
+def _reference_latency(baseline: Baseline, measure: MeasureSettings, num_threads: int, device: str) -> dict[str, float]:
+    """The FP32 model's latency on ``device`` (ms per call), timed under the machine's timing lock."""
+    device = _usable(device) if baseline.runtime == "pytorch" else "cpu"
+    fp32 = fp32_candidate(baseline.model, baseline.task, num_threads, device)
+    example = baseline.task.example_inputs(measure.batch_size)
+    with exclusive_timing():
+        stats, _ = time_interleaved(lambda: fp32.predict(example), lambda: fp32.predict(example), measure)
+    return {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
 
 
 def set_threads(num_threads: int) -> None:
@@ -230,6 +276,7 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> Outcome:
     """Build, evaluate (cheap-first when asked) and time the candidate; return the trial's state."""
     baseline = prepare_baseline(spec.task, spec.measure.eval_batch_size)
+    _check_fingerprint(spec, baseline, measured)
     task = baseline.task
     measured["baseline_size_bytes"] = baseline.size_bytes
     backend = get_backend(spec.backend)
@@ -249,21 +296,41 @@ def _build_and_measure(spec: TrialSpec, measured: dict[str, Any]) -> Outcome:
         measured["agreement"] = agreement_pct(baseline.outputs, outputs)
         measured["output_max_abs_error"] = max_abs_error(baseline.outputs, outputs)
         measured |= _drop_counts(task, baseline, outputs)
-
-        example = task.example_inputs(spec.measure.batch_size)
-        fp32 = fp32_candidate(baseline.model, task, spec.num_threads)
-        measured["baseline_runtime"] = baseline.runtime
-        # Builds and evaluations of other trials on this machine may overlap; timed phases may not.
-        with exclusive_timing() as phase:
-            base_stats, cand_stats = time_interleaved(
-                lambda: fp32.predict(example),
-                lambda: candidate.predict(example),
-                spec.measure,
-            )
-        measured |= {"timing_wait_s": phase.wait_s, "concurrent_timings": phase.concurrent}
-        measured["latency"] = cand_stats
-        measured["baseline_latency"] = base_stats
+        measured |= _timed(spec, baseline, candidate)
     return "complete"
+
+
+class FingerprintMismatchError(RuntimeError):
+    """This node's FP32 model or evaluation data differ from those the study's baseline used."""
+
+
+def _check_fingerprint(spec: TrialSpec, baseline: Baseline, measured: dict[str, Any]) -> None:
+    """Record this node's FP32 figures; fail when its model or data are not the study's."""
+    measured |= {"fp32_fingerprint": baseline.fingerprint, "node_accuracy_fp32": baseline.metric}
+    if spec.fp32_fingerprint and baseline.fingerprint and spec.fp32_fingerprint != baseline.fingerprint:
+        raise FingerprintMismatchError(
+            f"the FP32 model or evaluation data on this node (fingerprint {baseline.fingerprint}, "
+            f"{baseline.task.metric_name} {baseline.metric:.4g}) differ from the study's "
+            f"(fingerprint {spec.fp32_fingerprint}); every node must train or load the same weights "
+            "and data (fingerprint = weights hash - data hash): clear this node's task cache or "
+            "ship the weights with the task"
+        )
+
+
+def _timed(spec: TrialSpec, baseline: Baseline, candidate: Candidate) -> dict[str, Any]:
+    """Time the candidate interleaved with the FP32 model on the candidate's device, holding the
+    machine's timing lock: builds and evaluations of other trials may overlap, timed phases not."""
+    example = baseline.task.example_inputs(spec.measure.batch_size)
+    device = candidate.device if baseline.runtime == "pytorch" else "cpu"
+    fp32 = fp32_candidate(baseline.model, baseline.task, spec.num_threads, device)
+    with exclusive_timing() as phase:
+        base_stats, cand_stats = time_interleaved(
+            lambda: fp32.predict(example), lambda: candidate.predict(example), spec.measure
+        )
+    return {
+        "timing_wait_s": phase.wait_s, "concurrent_timings": phase.concurrent, "latency": cand_stats,
+        "baseline_latency": base_stats, "baseline_runtime": baseline.runtime, "baseline_device": device,
+    }
 
 
 def _drop_counts(task: Any, baseline: Baseline, outputs: np.ndarray) -> dict[str, Any]:
@@ -279,26 +346,43 @@ def _drop_counts(task: Any, baseline: Baseline, outputs: np.ndarray) -> dict[str
 def _evaluate_cheap_first(
     candidate: Any, baseline: Baseline, spec: TrialSpec, measured: dict[str, Any]
 ) -> np.ndarray | None:
-    """Evaluate on the whole split; with early stopping, score the first share before the rest.
+    """Evaluate on the whole split; with early stopping, score a seeded stratified subset first.
 
-    Returns ``None`` (and records the subset's figures) when the subset's drop already exceeds
-    ``spec.prune_above_drop``.
+    Returns ``None`` (and records the subset's figures) when the subset says the drop on the whole
+    split exceeds the constraint (:func:`_hopeless`); otherwise the outputs on the whole split.
     """
-    task, labels = baseline.task, baseline.labels
-    fraction = spec.early_stop_fraction
-    n_subset = max(1, int(len(labels) * fraction)) if fraction else None
-    outputs: list[np.ndarray] = []
-    seen = 0
-    for batch, _ in task.eval_batches(spec.measure.eval_batch_size):
-        outputs.append(np.asarray(candidate.predict(batch), dtype=np.float32))
-        seen += len(outputs[-1])
-        if n_subset is not None and seen >= n_subset:
-            subset = np.concatenate(outputs)[:n_subset]
-            cand = task.metric(subset, labels[:n_subset])
-            fp32 = task.metric(baseline.outputs[:n_subset], labels[:n_subset])
-            measured |= {"subset_accuracy": cand, "subset_accuracy_fp32": fp32, "subset_samples": n_subset}
-            limit = spec.prune_above_drop if spec.prune_above_drop is not None else float("inf")
-            if accuracy_drop(fp32, cand, higher_is_better=task.higher_is_better) > limit:
-                return None
-            n_subset = None
-    return np.concatenate(outputs)
+    data, fraction = baseline.data, spec.early_stop_fraction
+    if not fraction:
+        return predict_rows(candidate.predict, data)
+    subset = stratified_subset(data.labels, fraction, seed=spec.subset_seed)
+    sub_outputs = predict_rows(candidate.predict, data, subset)
+    task, labels = baseline.task, data.labels[subset]
+    cand, fp32 = task.metric(sub_outputs, labels), task.metric(baseline.outputs[subset], labels)
+    measured |= {"subset_accuracy": cand, "subset_accuracy_fp32": fp32, "subset_samples": len(subset)}
+    if _hopeless(spec, task, baseline.outputs[subset], sub_outputs, labels, (fp32, cand)):
+        return None
+    rest = np.setdiff1d(np.arange(len(data.labels)), subset)
+    outputs = np.empty((len(data.labels), *sub_outputs.shape[1:]), dtype=np.float32)
+    outputs[subset] = sub_outputs
+    if len(rest):
+        outputs[rest] = predict_rows(candidate.predict, data, rest)
+    return outputs
+
+
+def _hopeless(
+    spec: TrialSpec, task: Task, fp32_out: np.ndarray, cand_out: np.ndarray, labels: np.ndarray,
+    metrics: tuple[float, float],
+) -> bool:
+    """Whether a subset's result condemns the candidate.
+
+    A top-1 task is pruned only when a one-sided exact bound on the discordant predictions says the
+    whole split's drop exceeds ``max_drop`` with ``spec.prune_confidence``; so a candidate at the
+    limit is pruned at most ``1 - confidence`` of the time. Any other metric falls back to the
+    subset's drop against ``max_drop`` plus the space's margin (``spec.prune_above_drop``).
+    """
+    fp32_correct, cand_correct = task.correct(fp32_out, labels), task.correct(cand_out, labels)
+    if fp32_correct is not None and cand_correct is not None and spec.max_drop_points is not None:
+        counts = DropCounts.from_predictions(fp32_correct, cand_correct)
+        return should_prune(counts, spec.max_drop_points, spec.prune_confidence)
+    limit = spec.prune_above_drop if spec.prune_above_drop is not None else float("inf")
+    return accuracy_drop(metrics[0], metrics[1], higher_is_better=task.higher_is_better) > limit

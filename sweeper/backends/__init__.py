@@ -8,6 +8,7 @@ The backend contract: a validated config, a build step, and the Candidate it pro
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
@@ -180,6 +181,44 @@ class Backend(ABC, Generic[ConfigT]):
     @abstractmethod
     def load(self, artifact: Path, ctx: BuildContext, config: ConfigT) -> Candidate:
         """Load a candidate from an artifact written by :meth:`Candidate.save`."""
+
+
+def is_keras_model(model: object) -> bool:
+    """Whether ``model`` is a Keras model, decided without importing TensorFlow or Keras."""
+    return any(cls.__module__.split(".")[0] in ("keras", "tf_keras", "tensorflow") for cls in type(model).__mro__)
+
+def keras_fingerprint(model: Any) -> str:
+    """Return a hash of a Keras model's architecture (its JSON config) and weights."""
+    digest = hashlib.sha256(f"{type(model).__qualname__}\n".encode())
+    digest.update(model.to_json().encode())
+    for weight in model.get_weights():
+        array = np.ascontiguousarray(weight)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Return a hash of ``model``'s architecture (its repr) and every tensor of its state dict.
+
+    A Keras model (a task exported with tf2onnx) is hashed by its config and weights instead.
+    """
+    if is_keras_model(model):
+        return keras_fingerprint(model)
+    import torch
+
+    # The class by its qualified name only: a task file loaded from another folder (each node of a
+    # cluster has its own copy) gives its module another name, not its model other weights.
+    digest = hashlib.sha256(f"{type(model).__qualname__}\n{model!r}".encode())
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{tensor.dtype}{tuple(value.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
+
 
 
 BACKENDS: dict[str, str] = {

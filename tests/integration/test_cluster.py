@@ -155,3 +155,45 @@ def test_a_killed_driver_resumes_without_duplicates(cluster, write_space, tmp_pa
     interrupted = after["error"].fillna("").str.startswith("interrupted:")
     assert (~interrupted).sum() == 8, "the study ends with its 8 trials done"
     assert set(after.loc[~interrupted, "state"]) == {"complete"}
+
+
+def test_a_node_with_other_fp32_weights_fails_its_trials_clearly(
+    cluster, write_space, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    odd_nodes = tmp_path / "odd-nodes.txt"
+    monkeypatch.setenv("SWEEPER_TEST_ODD_NODES", str(odd_nodes))  # the nodes' workers inherit it
+    monkeypatch.setenv("SWEEPER_TEST_DIGITS_TASK", str(ROOT / "tasks" / "digits_cnn.py"))
+    cluster.add_node(num_cpus=1, resources={"worker": 1})
+    odd = cluster.add_node(num_cpus=1, resources={"worker": 1})
+    odd_nodes.write_text(odd.node_id)
+    task = ROOT / "tests" / "fixtures" / "tasks" / "digits_node_weights.py"
+    space = load_space(write_space(f"""
+        task: {task}
+        trials: 6
+        seed: 0
+        max_concurrent: 2
+        constraint: {{max_drop: 1.0}}
+        hardware: {{kind: cpu, num_cpus: 1, resources: {{worker: 1}}}}
+        backends:
+          onnxruntime_static_int8:
+            calibration_method: [minmax, entropy, percentile]
+            calibration_samples: {{low: 16, high: 256, log: true}}
+            per_channel: [true, false]
+    """))
+    summary = run_sweep(space, SweepOptions(out=tmp_path / "out", address=cluster.address))
+    df = results.load(summary.study_dir)
+    info = results.read_study_info(summary.study_dir)
+    study_print = info["baseline"]["fingerprint"]
+    by_node = {node: rows for node, rows in df.groupby("node_id")}
+    assert len(by_node) == 2, "trials ran on both worker nodes"
+    prints = {node: set(rows["fp32_fingerprint"]) for node, rows in by_node.items()}
+    assert all(len(p) == 1 for p in prints.values()) and len(set().union(*prints.values())) == 2
+    for node, rows in by_node.items():
+        if prints[node] == {study_print}:
+            assert set(rows["state"]) == {"complete"}, rows["error"].tolist()
+        else:
+            assert set(rows["state"]) == {"failed"}
+            assert all("differ from the study's" in e and study_print in e for e in rows["error"])
+    # Weights differ, the evaluation data do not: the fingerprints share their data half.
+    assert len({p.split("-")[1] for p in set().union(*prints.values())}) == 1
+    assert df["node_accuracy_fp32"].notna().all()

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sweeper.backends import BuildContext, get_backend
+from sweeper.backends import BuildContext, get_backend, is_keras_model
 from sweeper.backends.onnx.config import OnnxExportError
-from sweeper.backends.onnx.tf2onnx import is_keras_model, tf2onnx_unavailable_reason
+from sweeper.backends.onnx.tf2onnx import tf2onnx_unavailable_reason
 from sweeper.task import load_task
 
 ROOT = Path(__file__).resolve().parents[2]

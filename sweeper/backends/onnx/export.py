@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from sweeper.backends import Backend, BuildContext, LayerUnit
+from sweeper.backends import Backend, BuildContext, LayerUnit, is_keras_model, model_fingerprint
 from sweeper.backends.onnx.config import (
     SIMPLIFIERS,
     Exporter,
@@ -52,8 +51,6 @@ from sweeper.backends.onnx.runtime import (
 )
 from sweeper.backends.onnx.tf2onnx import (
     export_keras,
-    is_keras_model,
-    keras_fingerprint,
     keras_outputs,
     tf2onnx_versions,
 )
@@ -64,27 +61,6 @@ from sweeper.task import Batch, Task
 if TYPE_CHECKING:
     import onnx
     import torch
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Return a hash of ``model``'s architecture (its repr) and every tensor of its state dict.
-
-    A Keras model (a task exported with tf2onnx) is hashed by its config and weights instead.
-    """
-    if is_keras_model(model):
-        return keras_fingerprint(model)
-    import torch
-
-    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
-    for name, value in model.state_dict().items():
-        digest.update(name.encode())
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{tensor.dtype}{tuple(value.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes())
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()[:16]
 
 
 def export_onnx(ctx: BuildContext, config: OnnxExportConfig | None = None, **fields: object) -> Path:

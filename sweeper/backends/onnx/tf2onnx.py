@@ -12,7 +12,6 @@ batch axis named ``batch``.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +25,6 @@ if TYPE_CHECKING:
 
 # What a missing package is installed with; both are in the ``[tensorflow]`` extra.
 _PACKAGES = {"tensorflow": "tensorflow-cpu", "tf2onnx": "tf2onnx"}
-
-
-def is_keras_model(model: object) -> bool:
-    """Whether ``model`` is a Keras model, decided without importing TensorFlow or Keras."""
-    return any(cls.__module__.split(".")[0] in ("keras", "tf_keras", "tensorflow") for cls in type(model).__mro__)
 
 
 def tf2onnx_unavailable_reason() -> str | None:
@@ -60,17 +54,6 @@ def tf2onnx_versions() -> dict[str, str]:
             except importlib.metadata.PackageNotFoundError:
                 versions[module] = "not installed"
     return versions
-
-
-def keras_fingerprint(model: Any) -> str:
-    """Return a hash of a Keras model's architecture (its JSON config) and weights."""
-    digest = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n".encode())
-    digest.update(model.to_json().encode())
-    for weight in model.get_weights():
-        array = np.ascontiguousarray(weight)
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()[:16]
 
 
 def keras_outputs(model: Any, task: Task, batch: Batch) -> np.ndarray:

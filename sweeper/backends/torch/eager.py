@@ -50,16 +50,20 @@ class TorchCandidate(Candidate):
     how to rebuild the module around it.
     """
 
-    def __init__(self, module: torch.nn.Module, input_names: tuple[str, ...], num_threads: int) -> None:
+    def __init__(
+        self, module: torch.nn.Module, input_names: tuple[str, ...], num_threads: int, device: str = "cpu"
+    ) -> None:
         self.module = module.eval()
         self.input_names = input_names
         self.num_threads = num_threads
+        self.device = device
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        """One input as the tensor the module takes (subclasses move or cast it)."""
+        """One input as the tensor the module takes, on the module's device (subclasses cast it)."""
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(array))
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        return tensor if self.device == "cpu" else tensor.to(self.device)
 
     def _forward_context(self) -> contextlib.AbstractContextManager:
         """What the forward pass runs under besides inference mode (subclasses add autocast)."""
