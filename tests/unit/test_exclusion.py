@@ -194,3 +194,24 @@ def test_study_rankings_checks_patterns_against_the_layers(tmp_path: Path) -> No
         rankings("onnxruntime_static_int8: {exclude: {top_k: 1, always: ['conv*'], never: ['conv1']}}")
     with pytest.raises(ConfigError, match="has 2 quantizable layers .* besides the 3"):
         rankings("onnxruntime_static_int8: {exclude: {top_k: 3, always: ['conv3'], never: ['fc*']}}")
+
+
+def test_top_k_stops_one_short_of_every_layer() -> None:
+    # Leaving all 5 layers in float would be the FP32 model: k = 5 (or more) excludes 4.
+    from sweeper.exclusion import ExclusionSearch
+
+    trial = optuna.create_study().ask()
+    layers = suggest_excluded(trial, "b", ExclusionSearch(top_k=Fixed(5), per_layer=0), RANKING)
+    assert layers == tuple(RANKING[:4])
+
+
+def test_a_configuration_excluding_every_layer_is_refused_as_the_float_form() -> None:
+    from types import SimpleNamespace
+
+    from sweeper.study import _refuse_float_form
+
+    run = SimpleNamespace(rankings={"onnxruntime_static_int8": ["a", "b"]})
+    _refuse_float_form(run, "onnxruntime_static_int8", {"nodes_to_exclude": ["a"]})  # INT8 with one in float
+    with pytest.raises(ConfigError, match="excludes all 2 quantizable layers.*float form"):
+        _refuse_float_form(run, "onnxruntime_static_int8", {"nodes_to_exclude": ["b", "a"]})
+    _refuse_float_form(run, "onnxruntime_fp32", {})  # no exclusion field: nothing to refuse
