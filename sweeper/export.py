@@ -31,11 +31,12 @@ if TYPE_CHECKING:
     import pandas as pd
 
 EXPORT_FORMAT = 1
-METRIC_COLUMNS = (
-    "metric_name", "accuracy", "accuracy_fp32", "accuracy_drop", "drop_mode", "max_drop", "feasible",
-    "agreement", "output_max_abs_error", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
-    "baseline_latency_ms_p50", "speedup", "size_bytes", "baseline_size_bytes", "batch_size",
-)  # fmt: skip
+# The row's columns that are not measurements: who, what, when, where. Every other column of
+# results.COLUMNS is a metric the export's config.json carries (so a new metric needs no list here).
+NOT_METRICS = frozenset({
+    "schema_version", "study", "trial_number", "state", "task", "backend", "params_json", "attempt", "target",
+    "started_at", "finished_at", "excluded_layers", "error", "artifact_path", "node_id", "hostname",
+})  # fmt: skip
 ENVIRONMENT_COLUMNS = ("device", "cpu_model", "torch_version", "onnxruntime_version", "sweeper_version")
 
 
@@ -127,7 +128,7 @@ def export_trial(
         "artifact": target.name,
         "num_threads": _plain(row["num_threads"]) or 1,
         "eval_batch_size": int((space.get("measure") or {}).get("eval_batch_size", MeasureSettings().eval_batch_size)),
-        "metrics": {c: _plain(row[c]) for c in METRIC_COLUMNS},
+        "metrics": {c: _plain(row[c]) for c in results.COLUMN_NAMES if _is_metric(c) and c in row.index},
         "environment": {c: _plain(row[c]) for c in ENVIRONMENT_COLUMNS},
     }
     config_path = to / "config.json"
@@ -138,6 +139,10 @@ def export_trial(
     loader.write_text(LOADER)
     return Export(directory=to, artifact=target, config=config_path, space=space_path, loader=loader,
                   trial_number=config["trial_number"])
+
+
+def _is_metric(column: str) -> bool:
+    return column not in NOT_METRICS and column not in ENVIRONMENT_COLUMNS and not column.endswith("_version")
 
 
 def _plain(value: Any) -> Any:

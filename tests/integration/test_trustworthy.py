@@ -70,7 +70,13 @@ def test_parameterless_backends_are_built_once_and_the_budget_counts_distinct_co
     by_row = {int(r.trial_number): r for r in df.itertuples()}
     repeats = [t for t in study.trials if t.number not in by_row]
     assert repeats, "the journal holds the repeated proposals"
-    stored = {r.backend: r.latency_ms_p50 for r in df.itertuples() if r.backend != "onnxruntime_dynamic_int8"}
+    # What Optuna is told of a measured configuration: its latency relative to the FP32 model timed
+    # with it, times the study's reference FP32 latency (drift between trials cancels).
+    reference = results.read_study_info(summary.study_dir)["baseline"]["reference_latency_ms"]["p50"]
+    for r in df.itertuples():
+        assert r.objective_value == pytest.approx(r.latency_ms_p50 / r.baseline_latency_ms_p50 * reference)
+        assert study.trials[r.trial_number].value == pytest.approx(r.objective_value)
+    stored = {r.backend: r.objective_value for r in df.itertuples() if r.backend != "onnxruntime_dynamic_int8"}
     for trial in repeats:
         if trial.params["backend"] in stored:
             assert trial.state == optuna.trial.TrialState.COMPLETE
