@@ -348,6 +348,17 @@ def export(
         f"Exported trial {written.trial_number} to {written.directory}: {written.artifact.name}, "
         f"config.json, space.yaml, load_model.py (run: python {written.loader})"
     ))
+    held = written.confirmed
+    if best and held is not None and held["confirmed_feasible"]:
+        console.print(Text(
+            f"Chosen from the confirmed figures: {held['confirmed_latency_ms_p50']:.3f} ms p50, speedup "
+            f"{held['confirmed_speedup']:.2f}x, accuracy drop {held['confirmed_accuracy_drop']:.2f} on "
+            f"{held['confirmed_samples']} {held['confirmed_split']} samples (rank {held['confirmed_rank']}, "
+            f"tie group {held['confirmed_tie_group']})"
+        ))
+    elif best:
+        console.print(Text("Not confirmed: chosen from the trials' own figures (the study has no confirmed finalist "
+                           "within the budget)", style="yellow"))
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 ``export_trial(study_dir, to, trial=N)`` (or ``best=True``) writes::
 
     <to>/model.onnx | state_dict.pt | ...   the trial's artifact, copied as saved
-    <to>/config.json      task, task_path, backend, params, how it was measured, the row's metrics
+    <to>/config.json      task, task_path, backend, params, how it was measured, the row's metrics,
+                          and a confirmed finalist's confirmed figures ("confirmed")
     <to>/space.yaml       a one-backend search space fixed to these params: `sweeper run` rebuilds it
     <to>/load_model.py    reloads the artifact with sweeper and evaluates it on the task
 
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sweeper import analysis, results
 from sweeper.backends import Candidate, get_backend
 from sweeper.errors import SweeperInputError
+from sweeper.holdout import trial_part
 from sweeper.measure import agreement_pct, max_abs_error
 from sweeper.spec import MeasureSettings, TaskRef
 from sweeper.task import Task, load_task
@@ -36,6 +38,14 @@ METRIC_COLUMNS = (
     "agreement", "output_max_abs_error", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
     "baseline_latency_ms_p50", "speedup", "size_bytes", "baseline_size_bytes", "batch_size",
 )  # fmt: skip
+# The finalist's confirmed figures (see sweeper.confirmed), in config.json's "confirmed" (null when
+# the trial was not confirmed).
+CONFIRMED_COLUMNS = (
+    "confirmed_split", "confirmed_samples", "confirmed_accuracy_fp32", "confirmed_accuracy", "confirmed_accuracy_drop",
+    "confirmed_accuracy_drop_low", "confirmed_accuracy_drop_high", "confirmed_feasible", "confirmed_latency_ms_p50",
+    "confirmed_latency_ms_p90", "confirmed_latency_runs", "confirmed_rounds", "confirmed_baseline_latency_ms_p50",
+    "confirmed_speedup", "confirmed_rank", "confirmed_tie_group",
+)  # fmt: skip
 ENVIRONMENT_COLUMNS = ("device", "cpu_model", "torch_version", "onnxruntime_version", "sweeper_version")
 
 
@@ -49,10 +59,13 @@ class Export:
     space: Path
     loader: Path
     trial_number: int
+    # The trial's confirmed figures (config.json's "confirmed"), None when it was not confirmed.
+    confirmed: dict[str, Any] | None = None
 
 
 def choose_trial(df: pd.DataFrame, *, trial: int | None, best: bool, objective: str = "latency_ms_p50") -> pd.Series:
-    """Pick the row to export: trial number ``trial``, or the best feasible trial.
+    """Pick the row to export: trial number ``trial``, or the best feasible trial (chosen from the
+    confirmed figures in a confirmed study, see :func:`sweeper.analysis.best_feasible`).
 
     Raises:
         SweeperInputError: for an unknown or unfinished trial, or when nothing is feasible.
@@ -128,6 +141,7 @@ def export_trial(
         "num_threads": _plain(row["num_threads"]) or 1,
         "eval_batch_size": int((space.get("measure") or {}).get("eval_batch_size", MeasureSettings().eval_batch_size)),
         "metrics": {c: _plain(row[c]) for c in METRIC_COLUMNS},
+        "confirmed": _confirmed(row),
         "environment": {c: _plain(row[c]) for c in ENVIRONMENT_COLUMNS},
     }
     config_path = to / "config.json"
@@ -137,7 +151,14 @@ def export_trial(
     loader = to / "load_model.py"
     loader.write_text(LOADER)
     return Export(directory=to, artifact=target, config=config_path, space=space_path, loader=loader,
-                  trial_number=config["trial_number"])
+                  trial_number=config["trial_number"], confirmed=config["confirmed"])
+
+
+def _confirmed(row: pd.Series) -> dict[str, Any] | None:
+    """The row's confirmed figures, or ``None`` when its trial was not a confirmed finalist."""
+    if _plain(row.get("confirmed_set")) is None:
+        return None
+    return {c: _plain(row.get(c)) for c in CONFIRMED_COLUMNS}
 
 
 def _plain(value: Any) -> Any:
@@ -198,7 +219,8 @@ def evaluate_exported(directory: str | Path, *, task_path: str | None = None) ->
     import torch
 
     candidate, task, config = load_exported(directory, task_path=task_path)
-    outputs, labels = evaluate(candidate.predict, task, config["eval_batch_size"])
+    keep = trial_part(task, config["eval_batch_size"])
+    outputs, labels = evaluate(candidate.predict, task, config["eval_batch_size"], keep)
     threads = torch.get_num_threads()
     torch.set_num_threads(config["num_threads"])  # the FP32 reference is computed as the trial did
     try:
@@ -228,6 +250,7 @@ import tempfile
 from pathlib import Path
 
 from sweeper.backends import get_backend
+from sweeper.holdout import trial_part
 from sweeper.task import load_task
 from sweeper.worker import build_context, evaluate
 
@@ -240,8 +263,11 @@ with tempfile.TemporaryDirectory() as workdir:
     ctx = build_context(task.build_model().eval(), task, Path(workdir), config["num_threads"])
     model = backend.load(here / config["artifact"], ctx, backend_config)
 
-# model.predict({"input": array}) -> logits as a numpy array; inputs as task.example_inputs(1)
-outputs, labels = evaluate(model.predict, task, config["eval_batch_size"])
+# model.predict({"input": array}) -> logits as a numpy array; inputs as task.example_inputs(1).
+# Scored as its trial was: on the trial part of the evaluation split (the rest is held out for
+# the finalists' confirmation, see config.json's "confirmed").
+keep = trial_part(task, config["eval_batch_size"])
+outputs, labels = evaluate(model.predict, task, config["eval_batch_size"], keep)
 metric = task.metric(outputs, labels)
 recorded = config["metrics"]["accuracy"]
 print(json.dumps({"backend": config["backend"], "trial": config["trial_number"],

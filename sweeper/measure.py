@@ -261,6 +261,68 @@ def stratified_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     return np.sort(np.concatenate(chosen))
 
 
+# The evaluation split is divided once into a trial part and a held-out part (for the finalists'
+# confirmation): this share is held out, seeded, stratified by label, but never so much that the
+# trial part falls below MIN_TRIAL_SAMPLES; a split too small for MIN_HELD_OUT held-out samples
+# holds nothing out.
+HELD_OUT_FRACTION = 1.0 / 3.0
+HELD_OUT_SEED = 0
+MIN_TRIAL_SAMPLES = 200
+MIN_HELD_OUT = 30
+
+
+def held_out_indices(labels: np.ndarray, fraction: float = HELD_OUT_FRACTION, seed: int = HELD_OUT_SEED) -> np.ndarray:
+    """Sorted indices of the evaluation samples held out for confirmation (maybe none).
+
+    Stratified by label when the labels are one integer class per sample, else a seeded random
+    share; sized so that the trial part keeps at least ``MIN_TRIAL_SAMPLES`` samples.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    wanted = min(round(n * fraction), n - MIN_TRIAL_SAMPLES)
+    if wanted < MIN_HELD_OUT:
+        return np.zeros(0, dtype=np.int64)
+    if labels.ndim == 1 and labels.dtype.kind in "iub":
+        chosen = stratified_subset(labels, wanted / n, seed)
+    else:
+        chosen = np.sort(np.random.default_rng(seed).choice(n, size=wanted, replace=False))
+    return chosen.astype(np.int64)
+
+
+def time_round_robin(
+    fns: Sequence[Callable[[], object]],
+    settings: MeasureSettings,
+    min_rounds: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[list[float]]]:
+    """Time several models together: each round times ``round_size`` calls of every model, the
+    order rotating by one each round; return each model's per-round call times in seconds.
+
+    Rounds go on until every model has ``min_runs`` runs, ``min_rounds`` rounds have passed and
+    the timed calls took ``min_time_s`` per model, or until ``max_runs`` runs each.
+    """
+    for _ in range(settings.warmup_runs):
+        for fn in fns:
+            fn()
+    rounds: list[list[list[float]]] = [[] for _ in fns]
+    timed = 0.0
+    while True:
+        runs = sum(len(r) for r in rounds[0])
+        enough = runs >= settings.min_runs and len(rounds[0]) >= min_rounds
+        if (enough and timed >= settings.min_time_s * len(fns)) or runs >= settings.max_runs:
+            break
+        shift = len(rounds[0]) % len(fns)
+        for index in [*range(shift, len(fns)), *range(shift)]:
+            times = []
+            for _ in range(settings.round_size):
+                t0 = clock()
+                fns[index]()
+                times.append(clock() - t0)
+            rounds[index].append(times)
+            timed += sum(times)
+    return rounds
+
+
 def latency_ratio_interval(
     a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float]:

@@ -60,6 +60,45 @@ class MeasureSettings(BaseModel):
         return self
 
 
+class ConfirmSettings(BaseModel):
+    """The finalists' confirmation, once the trial budget is spent (a space file's ``confirm`` block).
+
+    The ``finalists`` best feasible configurations (plus the best FP32 ONNX Runtime trial, when
+    the space has that backend) are re-timed together in one Ray task, round-robin with the FP32
+    baseline, and re-scored on the held-out split. Each model gets at least ``min_runs`` timed
+    calls (default three times a trial's ``measure.min_runs``) in at least ``min_rounds`` rounds,
+    and ``min_time_s`` seconds of timed calls (default twice a trial's). ``finalists: 0`` turns
+    the confirmation off.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    finalists: int = Field(default=5, ge=0)
+    min_runs: int | None = Field(default=None, ge=1)
+    min_time_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    min_rounds: int = Field(default=10, ge=2)
+
+    def problems(self, measure: MeasureSettings) -> list[tuple[str, str]]:
+        """(key, message) for each setting that would time the finalists less than a trial."""
+        found = []
+        if self.min_runs is not None and self.min_runs <= measure.min_runs:
+            found.append(("confirm.min_runs", f"{self.min_runs} must exceed measure.min_runs ({measure.min_runs}): "
+                          "the finalists are timed with more runs than a trial"))
+        if self.min_time_s is not None and self.min_time_s < measure.min_time_s:
+            found.append(("confirm.min_time_s", f"{self.min_time_s:g} must be at least measure.min_time_s "
+                          f"({measure.min_time_s:g}): the finalists are timed for longer than a trial"))
+        return found
+
+    def timing(self, measure: MeasureSettings) -> MeasureSettings:
+        """How the finalists are timed: the trials' settings with more runs and more time."""
+        min_runs = self.min_runs or 3 * measure.min_runs
+        return measure.model_copy(update={
+            "min_runs": min_runs,
+            "max_runs": max(min_runs, 3 * measure.max_runs),
+            "min_time_s": self.min_time_s if self.min_time_s is not None else 2 * measure.min_time_s,
+        })
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrialSpec:
     """One trial to run: a backend, its config values, and how to measure."""
@@ -143,6 +182,61 @@ class TrialResult:
     error: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class FinalistSpec:
+    """One finalist to confirm: its trial, configuration and saved artifact."""
+
+    trial_number: int
+    backend: str
+    params: dict[str, Any]
+    artifact_path: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmSpec:
+    """The finalists of a study, re-timed together in one Ray task and re-scored on the held-out split."""
+
+    study: str
+    task: TaskRef
+    finalists: tuple[FinalistSpec, ...]
+    measure: MeasureSettings  # the confirmation's timing: more runs than a trial's
+    min_rounds: int
+    num_threads: int
+    device: str = "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalistResult:
+    """What the confirmation measured of one finalist (``error`` when it could not be rebuilt)."""
+
+    trial_number: int
+    latency: LatencyStats | None = None
+    round_ms: tuple[float, ...] = ()  # the median of each round, milliseconds
+    accuracy: float | None = None
+    discordant_worse: int | None = None
+    discordant_better: int | None = None
+    source: str | None = None  # "artifact" (the trial's saved model) or "rebuilt"
+    error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmResult:
+    """The confirmation of a study's finalists: each finalist's figures, the FP32 model's on the
+    same split and in the same rounds, and where and how exclusively it was timed."""
+
+    finalists: tuple[FinalistResult, ...]
+    split: str  # "held_out" (of the evaluation split), "task" (the task's own), "evaluation" (none held out)
+    samples: int
+    accuracy_fp32: float
+    baseline_latency: LatencyStats
+    baseline_round_ms: tuple[float, ...]
+    environment: Environment | None = None
+    timing_wait_s: float | None = None
+    concurrent_timings: int | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
 # Error text of trials a stopped driver left running: asked again on resume, not counted in the budget.
 INTERRUPTED = "interrupted:"
 # Error text of configurations their backend rejected before any build: not counted in the budget.
@@ -169,11 +263,20 @@ class FP32Baseline:
     calibration_size: int | None = None
     eval_samples: int | None = None
     environment: Environment | None = None
+    # The finalists' confirmation split: "held_out" (a part of the evaluation split the trials never
+    # see; eval_samples counts the trial part), "task" (the task's own), "evaluation" (too small to
+    # hold a part out); its size and the FP32 metric on it. None: a study begun before confirmation.
+    confirm_split: str | None = None
+    confirm_samples: int | None = None
+    confirm_metric: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if data["runtime"] == "pytorch":  # the default; study files written before it was recorded lack it
             del data["runtime"]
+        for key in ("confirm_split", "confirm_samples", "confirm_metric"):
+            if data[key] is None:  # a study begun before confirmation: its file keeps its format
+                del data[key]
         return data
 
     @classmethod

@@ -155,4 +155,9 @@ def space_changes(info: StudyInfo, space: Space, task_ref: TaskRef) -> list[str]
     ]
     if info.task and info.task != task_ref.name:
         changes.insert(0, f"task: {info.task!r} -> {task_ref.name!r}")
+    if info.baseline is not None and info.baseline.confirm_split is None:
+        changes.append(
+            "evaluation split: the study's trials were scored on the whole evaluation split; trials are now "
+            "scored on part of it, the rest held out to confirm the finalists"
+        )
     return changes

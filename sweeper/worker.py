@@ -16,6 +16,7 @@ import socket
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +28,7 @@ import numpy as np
 from sweeper.backends import BuildContext, Candidate, get_backend
 from sweeper.backends.onnx.tf2onnx import KerasCandidate, is_keras_model, keras_weights_bytes
 from sweeper.backends.torch.eager import TorchCandidate
+from sweeper.holdout import HeldOut, held_out, select_batches, trial_indices
 from sweeper.location import cache_dir, ship_artifact
 from sweeper.measure import DropCounts, accuracy_drop, agreement_pct, exclusive_timing, max_abs_error, time_interleaved
 from sweeper.spec import (
@@ -39,7 +41,7 @@ from sweeper.spec import (
     TrialResult,
     TrialSpec,
 )
-from sweeper.task import Task, load_task
+from sweeper.task import LabeledBatch, Task, load_task
 
 if TYPE_CHECKING:
     import torch
@@ -47,10 +49,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The FP32 model of a task and what it gives on the evaluation split.
+    """The FP32 model of a task and what it gives on the trial part of the evaluation split.
 
     ``runtime`` says what runs it: ``"pytorch"`` (eager) for a torch model, ``"keras"`` for a
-    Keras one (a task whose ONNX backends export it with tf2onnx).
+    Keras one (a task whose ONNX backends export it with tf2onnx). ``keep`` lists the samples of
+    the evaluation split (in ``eval_batches`` order) that trials are scored on, ``None`` all of
+    them; the rest is held out for the finalists' confirmation (:func:`held_out_reference`).
     """
 
     task: Task
@@ -60,6 +64,7 @@ class Baseline:
     metric: float
     size_bytes: int
     runtime: str = "pytorch"
+    keep: np.ndarray | None = None
 
 
 def fp32_candidate(model: Any, task: Task, num_threads: int) -> Candidate:
@@ -91,10 +96,14 @@ def build_context(
     )
 
 
-def evaluate(predict: Any, task: Task, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``predict`` over the task's evaluation split; return (outputs, labels)."""
+def evaluate(
+    predict: Any, task: Task, batch_size: int, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``predict`` over the task's evaluation split (only the samples ``keep`` lists, when
+    given); return (outputs, labels)."""
     outputs, labels = [], []
-    for batch, y in task.eval_batches(batch_size):
+    batches = task.eval_batches(batch_size)
+    for batch, y in batches if keep is None else select_batches(batches, keep):
         outputs.append(np.asarray(predict(batch), dtype=np.float32))
         labels.append(y)
     return np.concatenate(outputs), np.concatenate(labels)
@@ -111,6 +120,8 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
         model = model.eval()
     fp32 = fp32_candidate(model, task, torch.get_num_threads())
     outputs, labels = evaluate(fp32.predict, task, eval_batch_size)
+    keep = trial_indices(task, labels)
+    outputs, labels = (outputs, labels) if keep is None else (outputs[keep], labels[keep])
     return Baseline(
         task=task,
         model=model,
@@ -119,7 +130,24 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
         metric=task.metric(outputs, labels),
         size_bytes=_state_bytes(model),
         runtime="keras" if is_keras_model(model) else "pytorch",
+        keep=keep,
     )
+
+
+def trial_batches(baseline: Baseline, batch_size: int) -> Iterator[LabeledBatch]:
+    """The trial part of the evaluation split, in the order of ``baseline.labels``."""
+    batches = baseline.task.eval_batches(batch_size)
+    return batches if baseline.keep is None else select_batches(batches, baseline.keep)
+
+
+@cache
+def held_out_reference(task_ref: TaskRef, eval_batch_size: int) -> HeldOut:
+    """The FP32 outputs on the split the finalists are confirmed on (once per process and task)."""
+    import torch
+
+    baseline = prepare_baseline(task_ref, eval_batch_size)
+    fp32 = fp32_candidate(baseline.model, baseline.task, torch.get_num_threads())
+    return held_out(baseline.task, baseline.keep, fp32.predict, eval_batch_size)
 
 
 def baseline_summary(
@@ -139,6 +167,7 @@ def baseline_summary(
         ctx = build_context(baseline.model, baseline.task, Path(workdir), num_threads)
         for backend, params in preflight:
             get_backend(backend).preflight(ctx, get_backend(backend).config(params))
+    held = held_out_reference(task_ref, measure.eval_batch_size)
     return FP32Baseline(
         metric=baseline.metric,
         metric_name=baseline.task.metric_name,
@@ -148,6 +177,9 @@ def baseline_summary(
         calibration_size=baseline.task.calibration_size,
         eval_samples=int(baseline.labels.shape[0]),
         environment=environment(),
+        confirm_split=held.split,
+        confirm_samples=int(held.labels.shape[0]),
+        confirm_metric=held.metric,
     )
 
 
@@ -289,7 +321,7 @@ def _evaluate_cheap_first(
     n_subset = max(1, int(len(labels) * fraction)) if fraction else None
     outputs: list[np.ndarray] = []
     seen = 0
-    for batch, _ in task.eval_batches(spec.measure.eval_batch_size):
+    for batch, _ in trial_batches(baseline, spec.measure.eval_batch_size):
         outputs.append(np.asarray(candidate.predict(batch), dtype=np.float32))
         seen += len(outputs[-1])
         if n_subset is not None and seen >= n_subset:
