@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper import analysis, results
+import pyarrow as pa
+
+from sweeper import analysis, confirmed, results
 from sweeper.backends import Candidate, get_backend
 from sweeper.errors import SweeperInputError
 from sweeper.holdout import trial_part
@@ -46,6 +48,9 @@ CONFIRMED_COLUMNS = (
     "confirmed_latency_ms_p90", "confirmed_latency_runs", "confirmed_rounds", "confirmed_baseline_latency_ms_p50",
     "confirmed_speedup", "confirmed_rank", "confirmed_tie_group",
 )  # fmt: skip
+INTEGER_CONFIRMED = frozenset(
+    name for name, dtype, _ in confirmed.CONFIRMED_COLUMNS if pa.types.is_integer(dtype)
+)
 ENVIRONMENT_COLUMNS = ("device", "cpu_model", "torch_version", "onnxruntime_version", "sweeper_version")
 
 
@@ -158,7 +163,9 @@ def _confirmed(row: pd.Series) -> dict[str, Any] | None:
     """The row's confirmed figures, or ``None`` when its trial was not a confirmed finalist."""
     if _plain(row.get("confirmed_set")) is None:
         return None
-    return {c: _plain(row.get(c)) for c in CONFIRMED_COLUMNS}
+    values = {c: _plain(row.get(c)) for c in CONFIRMED_COLUMNS}
+    # Whole-number columns come back as floats from the join (missing values are NaN there).
+    return {c: int(v) if c in INTEGER_CONFIRMED and v is not None else v for c, v in values.items()}
 
 
 def _plain(value: Any) -> Any:
