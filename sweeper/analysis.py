@@ -135,7 +135,8 @@ BUDGETS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
 
 def best_by_budget(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> pd.DataFrame:
     """For each accuracy budget, the fastest complete trial within it: by confirmed figures where
-    the trial was confirmed (its confirmed drop and median latency), else by its own.
+    the trial was confirmed (its confirmed drop and median latency), else by its own. A fastest
+    finalist tied with a simpler one gives way to it, as the winner does.
 
     Columns: ``max_drop``, ``trial_number``, ``backend``, ``latency_ms_p50``, ``accuracy_drop``,
     ``speedup``, ``figures`` (``confirmed`` or ``trial``); a budget nothing meets has missing values.
@@ -150,9 +151,15 @@ def best_by_budget(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> pd
         "accuracy_drop": pick("accuracy_drop"), "speedup": pick("speedup"),
         "figures": ["confirmed" if c else "trial" for c in (confirmed if confirmed is not None else [0] * len(done))],
     }).dropna(subset=["latency_ms_p50", "accuracy_drop"])
+    # A finalist tied with the fastest and ranked before it (the simpler) stands for the group.
+    group = done.get("confirmed_tie_group", pd.Series(np.nan, index=done.index)).where(confirmed, np.nan)
+    order = done.get("confirmed_rank", pd.Series(np.nan, index=done.index))
     rows = []
     for budget in budgets:
         within = table[table["accuracy_drop"] <= budget].sort_values(["latency_ms_p50", "trial_number"])
+        if not within.empty and pd.notna(group[within.index[0]]):
+            tied = within[group[within.index] == group[within.index[0]]]
+            within = within.loc[[order[tied.index].idxmin()]]
         rows.append({"max_drop": budget, **(within.iloc[0].to_dict() if not within.empty else {})})
     return pd.DataFrame(rows, columns=["max_drop", *table.columns])
 

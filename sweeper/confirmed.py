@@ -130,18 +130,15 @@ def read_latest(study_dir: StudyPath) -> pa.Table | None:
     return pa.Table.from_arrays(columns, schema=CONFIRMED_SCHEMA)
 
 
-def attach(df: pd.DataFrame, study_dirs: Sequence[StudyPath]) -> pd.DataFrame:
-    """The trial rows with the ``confirmed_*`` columns of each study's newest set (missing values
-    for trials that were not finalists). Rows of studies never confirmed come back unchanged, so
-    they read exactly as before confirmation existed."""
-    import pandas as pd
-
-    sets = [t for t in (read_latest(d) for d in study_dirs) if t is not None]
-    if not sets:
+def attach(df: pd.DataFrame, study_dir: StudyPath) -> pd.DataFrame:
+    """One study folder's trial rows with the ``confirmed_*`` columns of its newest set (missing
+    values for trials that were not finalists). The rows of a study never confirmed come back
+    unchanged, so they read exactly as before confirmation existed."""
+    latest = read_latest(study_dir)
+    if latest is None:
         return df
-    confirmed = pd.concat([t.to_pandas() for t in sets], ignore_index=True)
-    confirmed = confirmed.drop_duplicates(["study", "trial_number"], keep="last")
-    merged = df.merge(confirmed, on=["study", "trial_number"], how="left", validate="many_to_one")
+    confirmed = latest.to_pandas().drop(columns=["study"]).drop_duplicates("trial_number", keep="last")
+    merged = df.merge(confirmed, on="trial_number", how="left", validate="many_to_one")
     return merged.set_axis(df.index)
 
 

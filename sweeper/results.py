@@ -200,9 +200,13 @@ def load(paths: str | StudyPath | Iterable[str | StudyPath]) -> pd.DataFrame:
     then each config field found in ``params_json`` as a typed ``param.<field>`` column
     (:func:`expand_params`).
     """
-    df = read_table(paths).to_pandas()
+    import pandas as pd
+
+    # Each study folder's rows meet its own confirmation set (two folders may share a study name).
+    frames = [attach(read_table(d).to_pandas(), d) for d in study_dirs(paths)]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames or [SCHEMA.empty_table().to_pandas()])[0]
     df = df.sort_values(["study", "trial_number"], ignore_index=True)
-    return expand_params(attach(df, study_dirs(paths)))
+    return expand_params(df)
 
 
 PARAM_PREFIX = "param."

@@ -231,7 +231,7 @@ def print_summary(
         line.append(f", {objective} {top[objective]:g}")
     console.print(line)
     console.print(indent(f"config: {top.params_json}"))
-    for note in confirmation_notes(df, top):
+    for note in confirmation_notes(df, top, objective):
         console.print(indent(note))
     if confirmed_study(df):
         console.print(finalists(df, console, show_study=show_study))
@@ -252,15 +252,15 @@ def _winner_text(top: Any) -> str:
         )
     interval = drop_interval_text(top, "confirmed_")
     return (
-        f"trial {top.trial_number} {top.backend}: {top.confirmed_latency_ms_p50:.3f} ms p50 confirmed "
-        f"({top.latency_ms_p50:.3f} ms in its trial), speedup {top.confirmed_speedup:.2f}x vs FP32 "
+        f"trial {top.trial_number} {top.backend}: {top.confirmed_latency_ms_p50:.4f} ms p50 confirmed "
+        f"({top.latency_ms_p50:.4f} ms in its trial), speedup {top.confirmed_speedup:.2f}x vs FP32 "
         f"{runtime_name(top)}, accuracy drop {top.confirmed_accuracy_drop:.2f} on "
         f"{describe_split(top.confirmed_split, top.confirmed_samples)}{interval} "
         f"({top.accuracy_drop:.2f} in its trial), {size}"
     )
 
 
-def confirmation_notes(df: Any, top: Any) -> list[str]:
+def confirmation_notes(df: Any, top: Any, objective: str = "latency_ms_p50") -> list[str]:
     """How the winner was chosen: from confirmed figures (and what it is tied with), or why not."""
     if not confirmed_study(df):
         return ["not confirmed: the study has no confirmation set (it began before confirmation, was stopped, or "
@@ -272,11 +272,19 @@ def confirmation_notes(df: Any, top: Any) -> list[str]:
     runs = int(top.confirmed_latency_runs)
     notes = [f"chosen from the confirmed figures of {plural(len(finalist_rows), 'finalist')}, timed together "
              f"round-robin with FP32 ({runs} runs each in {int(top.confirmed_rounds)} rounds)"]
+    first = best_feasible(df.drop(columns=["confirmed_set"]), objective, k=1).iloc[0]
+    if first.trial_number != top.trial_number:
+        confirmed_p50 = _fmt(first.get("confirmed_latency_ms_p50"), ".4f")
+        notes.append(
+            f"by the trials' own figures trial {first.trial_number} {first.backend} was the best "
+            f"({first.latency_ms_p50:.4f} ms p50); confirmed: {confirmed_p50} ms p50, rank "
+            f"{_fmt(first.get('confirmed_rank'), '.0f')}"
+        )
     tied = ties_of(df, top)
     if tied.empty:
         notes.append("no other finalist is within the timing noise of it")
     else:
-        others = ", ".join(f"trial {r.trial_number} {r.backend} ({r.confirmed_latency_ms_p50:.3f} ms)"
+        others = ", ".join(f"trial {r.trial_number} {r.backend} ({r.confirmed_latency_ms_p50:.4f} ms)"
                            for r in tied.itertuples())
         notes.append(f"tied within the timing noise with {others}; shown simplest first (fewer excluded layers, "
                      "FP32 before INT8, smaller artifact)")
@@ -305,7 +313,7 @@ def _finalist_cells(r: Any) -> list[str]:
     held = "yes" if confirmed_within_budget(r) else ("failed" if isinstance(r.confirmed_error, str) else "no")
     return [
         str(int(r.confirmed_rank)), "-" if group != group or group is None else str(int(group)), str(r.trial_number),
-        str(r.backend), _fmt(r.confirmed_latency_ms_p50, ".3f"), _fmt(r.latency_ms_p50, ".3f"),
+        str(r.backend), _fmt(r.confirmed_latency_ms_p50, ".4f"), _fmt(r.latency_ms_p50, ".4f"),
         _fmt(r.confirmed_speedup, ".2f", "x"), _fmt(r.confirmed_accuracy_drop, ".2f"), _fmt(r.accuracy_drop, ".2f"),
         held,
     ]
