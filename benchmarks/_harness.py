@@ -70,7 +70,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    from sweeper.worker import cpu_model
+    from sweeper.spec import cpu_model
 
     flags: set[str] = set()
     try:

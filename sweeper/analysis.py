@@ -71,10 +71,21 @@ def study_settings(study_dir: str | StudyPath) -> StudySettings:
     )
 
 
+def confirmed_study(df: pd.DataFrame) -> bool:
+    """Whether the rows carry a confirmation set's figures (``sweeper.load`` joins the newest)."""
+    return "confirmed_set" in df.columns and bool(df["confirmed_set"].notna().any())
+
+
 def best_feasible(
     df: pd.DataFrame, objective: str = "latency_ms_p50", k: int = 5, *, maximise: bool | None = None
 ) -> pd.DataFrame:
     """The ``k`` best complete, feasible trials by ``objective``, best first.
+
+    In a confirmed study the finalists that stayed within the budget on the confirmation split
+    come first, by their confirmed figures: in confirmation rank for ``latency_ms_p50`` and
+    ``speedup`` (tie groups, the simplest first inside one; see :mod:`sweeper.confirmed`), else by
+    ``confirmed_<objective>`` where there is such a column. The trials that were not finalists
+    follow by their own figures, then the finalists the confirmation found over the budget.
 
     ``maximise`` defaults to :func:`maximised` (largest first for ``speedup``, ``accuracy`` and
     ``agreement``; smallest first otherwise). Ties go to the earlier trial.
@@ -82,7 +93,76 @@ def best_feasible(
     if maximise is None:
         maximise = maximised(objective)
     ok = df[(df["state"] == "complete") & df["feasible"].fillna(False).astype(bool)]
-    return ok.sort_values([objective, "trial_number"], ascending=[not maximise, True]).head(k)
+    order = {"by": [objective, "trial_number"], "ascending": [not maximise, True]}
+    if not confirmed_study(ok):
+        return ok.sort_values(**order).head(k)
+    import pandas as pd
+
+    finalist = ok["confirmed_set"].notna()
+    held = finalist & ok["confirmed_feasible"].astype("boolean").fillna(False).astype(bool)
+    if objective in RANKED_BY_CONFIRMATION:
+        first = ok[held].sort_values("confirmed_rank")
+    else:
+        column = f"confirmed_{objective}" if f"confirmed_{objective}" in ok.columns else objective
+        first = ok[held].sort_values([column, "trial_number"], ascending=[not maximise, True])
+    parts = [first, ok[~finalist].sort_values(**order), ok[finalist & ~held].sort_values(**order)]
+    return pd.concat([p for p in parts if not p.empty] or [ok.head(0)]).head(k)
+
+
+def confirmed_within_budget(row: Any) -> bool:
+    """Whether a row (a Series or a named tuple) is a finalist confirmed within the budget."""
+    value = row.get("confirmed_feasible") if hasattr(row, "get") else getattr(row, "confirmed_feasible", None)
+    return isinstance(value, bool | np.bool_) and bool(value)
+
+
+# The objectives a confirmation's rank orders (by confirmed median latency, with ties).
+RANKED_BY_CONFIRMATION = frozenset({"latency_ms_p50", "speedup"})
+
+
+def ties_of(df: pd.DataFrame, row: pd.Series) -> pd.DataFrame:
+    """The other finalists in ``row``'s tie group (confirmed latencies within the timing noise),
+    simplest first; empty for a trial that was not confirmed."""
+    group = row.get("confirmed_tie_group")
+    if not confirmed_study(df) or group is None or group != group:  # NaN: not a finalist
+        return df.head(0)
+    same = (df["study"] == row["study"]) & (df["confirmed_tie_group"] == group)
+    return df[same & (df["trial_number"] != row["trial_number"])].sort_values("confirmed_rank")
+
+
+# Accuracy budgets of the "what each point buys" table, in the study's drop units.
+BUDGETS: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0)
+
+
+def best_by_budget(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> pd.DataFrame:
+    """For each accuracy budget, the fastest complete trial within it: by confirmed figures where
+    the trial was confirmed (its confirmed drop and median latency), else by its own. A fastest
+    finalist tied with a simpler one gives way to it, as the winner does.
+
+    Columns: ``max_drop``, ``trial_number``, ``backend``, ``latency_ms_p50``, ``accuracy_drop``,
+    ``speedup``, ``figures`` (``confirmed`` or ``trial``); a budget nothing meets has missing values.
+    """
+    import pandas as pd
+
+    done = df[df["state"] == "complete"]
+    confirmed = done["confirmed_latency_ms_p50"].notna() if "confirmed_latency_ms_p50" in done.columns else None
+    pick = (lambda c: done[f"confirmed_{c}"].where(confirmed, done[c])) if confirmed is not None else done.get
+    table = pd.DataFrame({
+        "trial_number": done["trial_number"], "backend": done["backend"], "latency_ms_p50": pick("latency_ms_p50"),
+        "accuracy_drop": pick("accuracy_drop"), "speedup": pick("speedup"),
+        "figures": ["confirmed" if c else "trial" for c in (confirmed if confirmed is not None else [0] * len(done))],
+    }).dropna(subset=["latency_ms_p50", "accuracy_drop"])
+    # A finalist tied with the fastest and ranked before it (the simpler) stands for the group.
+    no_group = pd.Series(np.nan, index=done.index)
+    group = no_group if confirmed is None else done.get("confirmed_tie_group", no_group).where(confirmed, np.nan)
+    order = done.get("confirmed_rank", pd.Series(np.nan, index=done.index))
+    rows = []
+    for budget in budgets:
+        within = table[table["accuracy_drop"] <= budget].sort_values(["latency_ms_p50", "trial_number"])
+        if not within.empty and pd.notna(group[within.index[0]]):
+            tied = within[group[within.index] == group[within.index[0]]]
+            within = within.loc[[order[tied.index].idxmin()]]
+        rows.append({"max_drop": budget, **(within.iloc[0].to_dict() if not within.empty else {})})
+    return pd.DataFrame(rows, columns=["max_drop", *table.columns])
 
 
 def closest_infeasible(df: pd.DataFrame, k: int = 3) -> pd.DataFrame:

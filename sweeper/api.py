@@ -152,7 +152,10 @@ class Study:
 
     @property
     def best(self) -> pd.Series | None:
-        """The winner's row, or ``None`` when no trial met the constraint (see :attr:`verdict`)."""
+        """The winner's row, or ``None`` when no trial met the constraint (see :attr:`verdict`).
+
+        In a confirmed study the winner is chosen from the finalists' confirmed figures (its row
+        carries them as ``confirmed_*``); otherwise from the trials' own."""
         feasible = self.feasible()
         return None if feasible.empty else feasible.iloc[0]
 
@@ -161,10 +164,20 @@ class Study:
         """One sentence: the winner and its figures, or why there is none."""
         rows = self.rows
         best = self.best
+        if best is not None and analysis.confirmed_within_budget(best):
+            tied = analysis.ties_of(rows, best)
+            return (
+                f"trial {best.trial_number} {best.backend} is the best feasible, from confirmed figures: "
+                f"{best.confirmed_latency_ms_p50:.3f} ms p50, speedup {best.confirmed_speedup:.2f}x, accuracy drop "
+                f"{best.confirmed_accuracy_drop:.2f} on {best.confirmed_samples} {best.confirmed_split} samples"
+                + (f"; tied within the timing noise with trial(s) {', '.join(map(str, tied['trial_number']))}"
+                   if not tied.empty else "")
+            )
         if best is not None:
             return (
-                f"trial {best.trial_number} {best.backend} is the best feasible: {best.latency_ms_p50:.3f} ms p50, "
-                f"speedup {best.speedup:.2f}x, accuracy drop {best.accuracy_drop:.2f}"
+                f"trial {best.trial_number} {best.backend} is the best feasible (not confirmed: its trial's "
+                f"figures): {best.latency_ms_p50:.3f} ms p50, speedup {best.speedup:.2f}x, accuracy drop "
+                f"{best.accuracy_drop:.2f}"
             )
         if rows.empty:
             return "no trial has finished"

@@ -17,6 +17,7 @@ from sweeper import __version__, results, views
 from sweeper.analysis import maximised, study_settings
 from sweeper.backends import BACKENDS, availability, get_backend
 from sweeper.cluster import connect, job_runtime_env, worker_launch
+from sweeper.confirmed import describe_split
 from sweeper.errors import SweeperInputError, did_you_mean
 from sweeper.export import export_trial
 from sweeper.location import is_uri, location
@@ -348,6 +349,17 @@ def export(
         f"Exported trial {written.trial_number} to {written.directory}: {written.artifact.name}, "
         f"config.json, space.yaml, load_model.py (run: python {written.loader})"
     ))
+    held = written.confirmed
+    if best and held is not None and held["confirmed_feasible"]:
+        console.print(Text(
+            f"Chosen from the confirmed figures: {held['confirmed_latency_ms_p50']:.3f} ms p50, speedup "
+            f"{held['confirmed_speedup']:.2f}x, accuracy drop {held['confirmed_accuracy_drop']:.2f} on "
+            f"{describe_split(held['confirmed_split'], held['confirmed_samples'])} (rank {held['confirmed_rank']}, "
+            f"tie group {held['confirmed_tie_group']}); config.json's \"confirmed\" holds them"
+        ))
+    elif best:
+        console.print(Text("Not confirmed: chosen from the trials' own figures (the study has no confirmed finalist "
+                           "within the budget)", style="yellow"))
 
 
 def main() -> None:

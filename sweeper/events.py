@@ -69,7 +69,30 @@ class SweepPhase:
     text: str
 
 
-Event = SweepPhase | SweepStarted | SensitivityProgress | TrialStarted | TrialFinished | TrialRecovered
+@dataclass(frozen=True, kw_only=True)
+class ConfirmationStarted:
+    """The budget is spent: the finalists (``trials``) are re-timed together, at least ``min_runs``
+    runs each, and re-scored on the confirmation ``split`` of ``samples`` samples."""
+
+    kind: ClassVar[str] = "confirming"
+    trials: tuple[int, ...]
+    split: str
+    samples: int | None
+    min_runs: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmationFinished:
+    """The finalists' confirmation rows, ranked (``confirmed_rank`` 1 is the winner)."""
+
+    kind: ClassVar[str] = "confirmed"
+    rows: tuple[dict[str, Any], ...]
+
+
+Event = (
+    SweepPhase | SweepStarted | SensitivityProgress | TrialStarted | TrialFinished | TrialRecovered
+    | ConfirmationStarted | ConfirmationFinished
+)
 EventHandler = Callable[[Event], None]
 
 

@@ -3,7 +3,8 @@
 ``export_trial(study_dir, to, trial=N)`` (or ``best=True``) writes::
 
     <to>/model.onnx | state_dict.pt | ...   the trial's artifact, copied as saved
-    <to>/config.json      task, task_path, backend, params, how it was measured, the row's metrics
+    <to>/config.json      task, task_path, backend, params, how it was measured, the row's metrics,
+                          and a confirmed finalist's confirmed figures ("confirmed")
     <to>/space.yaml       a one-backend search space fixed to these params: `sweeper run` rebuilds it
     <to>/load_model.py    reloads the artifact with sweeper and evaluates it on the task
 
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeper import analysis, results
+import pyarrow as pa
+
+from sweeper import analysis, confirmed, results
 from sweeper.backends import Candidate, get_backend
 from sweeper.errors import SweeperInputError
+from sweeper.holdout import trial_part
 from sweeper.measure import agreement_pct, max_abs_error
 from sweeper.spec import MeasureSettings, TaskRef
 from sweeper.task import Task, load_task
@@ -37,6 +41,17 @@ NOT_METRICS = frozenset({
     "schema_version", "study", "trial_number", "state", "task", "backend", "params_json", "attempt", "target",
     "started_at", "finished_at", "excluded_layers", "error", "artifact_path", "node_id", "hostname",
 })  # fmt: skip
+# The finalist's confirmed figures (see sweeper.confirmed), in config.json's "confirmed" (null when
+# the trial was not confirmed).
+CONFIRMED_COLUMNS = (
+    "confirmed_split", "confirmed_samples", "confirmed_accuracy_fp32", "confirmed_accuracy", "confirmed_accuracy_drop",
+    "confirmed_accuracy_drop_low", "confirmed_accuracy_drop_high", "confirmed_feasible", "confirmed_latency_ms_p50",
+    "confirmed_latency_ms_p90", "confirmed_latency_runs", "confirmed_rounds", "confirmed_baseline_latency_ms_p50",
+    "confirmed_speedup", "confirmed_rank", "confirmed_tie_group",
+)  # fmt: skip
+INTEGER_CONFIRMED = frozenset(
+    name for name, dtype, _ in confirmed.CONFIRMED_COLUMNS if pa.types.is_integer(dtype)
+)
 ENVIRONMENT_COLUMNS = ("device", "cpu_model", "torch_version", "onnxruntime_version", "sweeper_version")
 
 
@@ -50,10 +65,13 @@ class Export:
     space: Path
     loader: Path
     trial_number: int
+    # The trial's confirmed figures (config.json's "confirmed"), None when it was not confirmed.
+    confirmed: dict[str, Any] | None = None
 
 
 def choose_trial(df: pd.DataFrame, *, trial: int | None, best: bool, objective: str = "latency_ms_p50") -> pd.Series:
-    """Pick the row to export: trial number ``trial``, or the best feasible trial.
+    """Pick the row to export: trial number ``trial``, or the best feasible trial (chosen from the
+    confirmed figures in a confirmed study, see :func:`sweeper.analysis.best_feasible`).
 
     Raises:
         SweeperInputError: for an unknown or unfinished trial, or when nothing is feasible.
@@ -129,6 +147,7 @@ def export_trial(
         "num_threads": _plain(row["num_threads"]) or 1,
         "eval_batch_size": int((space.get("measure") or {}).get("eval_batch_size", MeasureSettings().eval_batch_size)),
         "metrics": {c: _plain(row[c]) for c in results.COLUMN_NAMES if _is_metric(c) and c in row.index},
+        "confirmed": _confirmed(row),
         "environment": {c: _plain(row[c]) for c in ENVIRONMENT_COLUMNS},
     }
     config_path = to / "config.json"
@@ -138,7 +157,16 @@ def export_trial(
     loader = to / "load_model.py"
     loader.write_text(LOADER)
     return Export(directory=to, artifact=target, config=config_path, space=space_path, loader=loader,
-                  trial_number=config["trial_number"])
+                  trial_number=config["trial_number"], confirmed=config["confirmed"])
+
+
+def _confirmed(row: pd.Series) -> dict[str, Any] | None:
+    """The row's confirmed figures, or ``None`` when its trial was not a confirmed finalist."""
+    if _plain(row.get("confirmed_set")) is None:
+        return None
+    values = {c: _plain(row.get(c)) for c in CONFIRMED_COLUMNS}
+    # Whole-number columns come back as floats from the join (missing values are NaN there).
+    return {c: int(v) if c in INTEGER_CONFIRMED and v is not None else v for c, v in values.items()}
 
 
 def _is_metric(column: str) -> bool:
@@ -203,7 +231,8 @@ def evaluate_exported(directory: str | Path, *, task_path: str | None = None) ->
     import torch
 
     candidate, task, config = load_exported(directory, task_path=task_path)
-    outputs, labels = evaluate(candidate.predict, task, config["eval_batch_size"])
+    keep = trial_part(task, config["eval_batch_size"])
+    outputs, labels = evaluate(candidate.predict, task, config["eval_batch_size"], keep)
     threads = torch.get_num_threads()
     torch.set_num_threads(config["num_threads"])  # the FP32 reference is computed as the trial did
     try:
@@ -233,6 +262,7 @@ import tempfile
 from pathlib import Path
 
 from sweeper.backends import get_backend
+from sweeper.holdout import trial_part
 from sweeper.task import load_task
 from sweeper.worker import build_context, evaluate
 
@@ -245,8 +275,11 @@ with tempfile.TemporaryDirectory() as workdir:
     ctx = build_context(task.build_model().eval(), task, Path(workdir), config["num_threads"])
     model = backend.load(here / config["artifact"], ctx, backend_config)
 
-# model.predict({"input": array}) -> logits as a numpy array; inputs as task.example_inputs(1)
-outputs, labels = evaluate(model.predict, task, config["eval_batch_size"])
+# model.predict({"input": array}) -> logits as a numpy array; inputs as task.example_inputs(1).
+# Scored as its trial was: on the trial part of the evaluation split (the rest is held out for
+# the finalists' confirmation, see config.json's "confirmed").
+keep = trial_part(task, config["eval_batch_size"])
+outputs, labels = evaluate(model.predict, task, config["eval_batch_size"], keep)
 metric = task.metric(outputs, labels)
 recorded = config["metrics"]["accuracy"]
 print(json.dumps({"backend": config["backend"], "trial": config["trial_number"],

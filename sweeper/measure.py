@@ -164,6 +164,15 @@ class EvalData:
             labels.append(np.asarray(y))
         return cls(batches=batches, labels=np.concatenate(labels))
 
+    def select(self, rows: np.ndarray) -> EvalData:
+        """The samples at the sorted indices ``rows``, each batch cut to its chosen rows."""
+        offsets, batches = self.offsets, []
+        for i, batch in enumerate(self.batches):
+            chosen = rows[(rows >= offsets[i]) & (rows < offsets[i + 1])] - offsets[i]
+            if len(chosen):
+                batches.append({name: value[chosen] for name, value in batch.items()})
+        return EvalData(batches=batches, labels=self.labels[rows])
+
     def digest(self) -> str:
         """A hash of every input array and the labels."""
         sha = hashlib.sha256()
@@ -192,6 +201,43 @@ def predict_rows(predict: Callable[[Batch], Any], data: EvalData, rows: np.ndarr
         pieces.append(np.asarray(predict(batch), dtype=np.float32))
     return np.concatenate(pieces)
 
+
+# The evaluation split is divided once into a trial part and a held-out part (for the finalists'
+# confirmation): this share is held out, seeded, stratified by label, but never so much that the
+# trial part falls below MIN_TRIAL_SAMPLES; a split too small for MIN_HELD_OUT held-out samples
+# holds nothing out.
+HELD_OUT_FRACTION = 1.0 / 3.0
+HELD_OUT_SEED = 0
+MIN_TRIAL_SAMPLES = 200
+MIN_HELD_OUT = 30
+
+
+def held_out_indices(labels: np.ndarray, fraction: float = HELD_OUT_FRACTION, seed: int = HELD_OUT_SEED) -> np.ndarray:
+    """Sorted indices of the evaluation samples held out for confirmation (maybe none).
+
+    Stratified by label when the labels are one integer class per sample, else a seeded random
+    share; sized so that the trial part keeps at least ``MIN_TRIAL_SAMPLES`` samples.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    wanted = min(round(n * fraction), n - MIN_TRIAL_SAMPLES)
+    if wanted < MIN_HELD_OUT:
+        return np.zeros(0, dtype=np.int64)
+    if labels.ndim == 1 and labels.dtype.kind in "iub":
+        chosen = stratified_subset(labels, wanted / n, seed)
+    else:
+        chosen = np.sort(np.random.default_rng(seed).choice(n, size=wanted, replace=False))
+    return chosen.astype(np.int64)
+
+def trial_indices(task: Task, labels: np.ndarray) -> np.ndarray | None:
+    """The evaluation samples trials are scored on: all (``None``) when the task has a
+    confirmation split of its own or the split is too small to hold a part out."""
+    if task.has_confirmation_split:
+        return None
+    held = held_out_indices(labels)
+    if not len(held):
+        return None
+    return np.setdiff1d(np.arange(len(labels)), held)
 
 
 @dataclass

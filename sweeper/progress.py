@@ -12,7 +12,17 @@ from rich.progress import Progress
 from rich.table import Column
 from rich.text import Text
 
-from sweeper.events import Event, SensitivityProgress, SweepPhase, SweepStarted, TrialFinished, TrialStarted
+from sweeper.confirmed import describe_split
+from sweeper.events import (
+    ConfirmationFinished,
+    ConfirmationStarted,
+    Event,
+    SensitivityProgress,
+    SweepPhase,
+    SweepStarted,
+    TrialFinished,
+    TrialStarted,
+)
 
 
 class _Progress(Progress):
@@ -67,6 +77,9 @@ class SweepProgress:
             else:
                 self.progress.update(self.phase_id, description=escape(event.text))
             return
+        if isinstance(event, ConfirmationStarted | ConfirmationFinished):
+            self.console.print(Text(_confirmation_line(event)))
+            return
         if isinstance(event, SweepStarted) and self.phase_id is not None:
             self.progress.remove_task(self.phase_id)
             self.phase_id = None
@@ -108,3 +121,18 @@ class SweepProgress:
                     f"best feasible {self.objective}: {self.best_desc}"
                 ),
             )
+
+
+def _confirmation_line(event: ConfirmationStarted | ConfirmationFinished) -> str:
+    if isinstance(event, ConfirmationStarted):
+        trials = ", ".join(str(n) for n in event.trials)
+        return (
+            f"Confirming {len(event.trials)} finalists (trials {trials}): re-timed together round-robin with FP32, "
+            f"at least {event.min_runs} runs each, and re-scored on {describe_split(event.split, event.samples)} ..."
+        )
+    held = sum(1 for r in event.rows if r.get("confirmed_feasible"))
+    failed = sum(1 for r in event.rows if r.get("confirmed_error"))
+    return (
+        f"Confirmed {len(event.rows)} finalists: {held} within the budget on the confirmation split"
+        + (f", {failed} could not be confirmed" if failed else "")
+    )

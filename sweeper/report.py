@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sweeper import analysis, plots, results
+from sweeper.confirmed import describe_split
 from sweeper.importance import param_importance
 
 if TYPE_CHECKING:
@@ -114,7 +115,53 @@ def _trials_view(df: pd.DataFrame) -> pd.DataFrame:
         "params_json": _short_params,
     }  # fmt: skip
     names = {"trial_number": "trial", "size_bytes": "size_kB", "params_json": "params"}
-    return pd.DataFrame({names.get(c, c): [f(v) for v in df[c]] for c, f in columns.items()})
+    view = pd.DataFrame({names.get(c, c): [f(v) for v in df[c]] for c, f in columns.items()})
+    view.insert(list(view.columns).index("accuracy_drop") + 1, "drop_95%_interval", _intervals(df))
+    return view
+
+
+def _intervals(df: pd.DataFrame, prefix: str = "") -> list[str]:
+    """Each row's drop interval as ``low..high`` (empty where the task's metric gives none)."""
+    low, high = df[f"{prefix}accuracy_drop_low"], df[f"{prefix}accuracy_drop_high"]
+    return [
+        f"{_fmt(a, '.2f')}..{_fmt(b, '.2f')}" if _fmt(a, "g") and _fmt(b, "g") else ""
+        for a, b in zip(low, high, strict=True)
+    ]
+
+
+def _finalists_view(df: pd.DataFrame) -> pd.DataFrame:
+    """The confirmed finalists in rank order: confirmed figures beside their trials' own."""
+    import pandas as pd
+
+    rows = df[df["confirmed_set"].notna()].sort_values("confirmed_rank")
+    held = [analysis.confirmed_within_budget(r) for _, r in rows.iterrows()]
+    return pd.DataFrame({
+        "rank": [str(int(v)) for v in rows["confirmed_rank"]],
+        "tie_group": [_fmt(v, ".0f") or "-" for v in rows["confirmed_tie_group"]],
+        "trial": rows["trial_number"].astype(str), "backend": rows["backend"].astype(str),
+        "confirmed_p50_ms": [_fmt(v, ".4f") for v in rows["confirmed_latency_ms_p50"]],
+        "trial_p50_ms": [_fmt(v, ".4f") for v in rows["latency_ms_p50"]],
+        "confirmed_speedup": [_fmt(v, ".2f") for v in rows["confirmed_speedup"]],
+        "confirmed_drop": [_fmt(v, ".2f") for v in rows["confirmed_accuracy_drop"]],
+        "confirmed_drop_95%_interval": _intervals(rows, "confirmed_"),
+        "trial_drop": [_fmt(v, ".2f") for v in rows["accuracy_drop"]],
+        "within_budget": ["yes" if h else ("failed" if _text(e) else "no")
+                          for h, e in zip(held, rows["confirmed_error"], strict=True)],
+        "runs": [_fmt(v, ".0f") for v in rows["confirmed_latency_runs"]],
+    })  # fmt: skip
+
+
+def _budgets_view(df: pd.DataFrame, max_drop: Any) -> pd.DataFrame:
+    """Best feasible latency at several accuracy budgets (the study's own among them)."""
+    budgets = sorted({*analysis.BUDGETS, *([float(max_drop)] if _fmt(max_drop, "g") else [])})
+    table = analysis.best_by_budget(df, tuple(budgets))
+    return table.assign(
+        max_drop=[_fmt(v, "g") for v in table["max_drop"]],
+        trial_number=[_fmt(v, ".0f") for v in table["trial_number"]],
+        latency_ms_p50=[_fmt(v, ".4f") for v in table["latency_ms_p50"]],
+        accuracy_drop=[_fmt(v, ".2f") for v in table["accuracy_drop"]],
+        speedup=[_fmt(v, ".2f") for v in table["speedup"]],
+    ).fillna("").astype(str).rename(columns={"trial_number": "trial"})
 
 
 def _formatted(frame: pd.DataFrame, digits: int = 4) -> pd.DataFrame:
@@ -263,13 +310,44 @@ def _summary(doc: _Doc, df: pd.DataFrame, settings: analysis.StudySettings) -> N
         doc.table(_trials_view(analysis.closest_infeasible(df)))
         return
     top = best.iloc[0]
-    doc.para(
-        f"Best feasible: trial {top['trial_number']}, {top['backend']}: {_fmt(top['latency_ms_p50'], '.4f')} ms p50, "
-        f"speedup {_fmt(top['speedup'], '.2f')}x vs FP32 PyTorch, accuracy drop {_fmt(top['accuracy_drop'], '.2f')}, "
-        f"size {_fmt(top['size_bytes'] / 1e3, '.1f')} kB. Config: {_short_params(top['params_json'])}."
-    )
+    _winner(doc, df, top)
     doc.para("Best feasible trials:")
     doc.table(_trials_view(best))
+    doc.heading("What each point of accuracy buys")
+    doc.para("Best feasible latency at several budgets (max drop, in the study's drop units): the fastest "
+             "complete trial within each, by confirmed figures for the confirmed finalists, else by its own.")
+    doc.table(_budgets_view(df, first["max_drop"]))
+
+
+def _winner(doc: _Doc, df: pd.DataFrame, top: pd.Series) -> None:
+    """The winner: from the finalists' confirmed figures, with its ties, or why it is not confirmed."""
+    config = _short_params(top["params_json"])
+    if not analysis.confirmed_within_budget(top):
+        why = ("the study has no confirmation set" if not analysis.confirmed_study(df)
+               else "no finalist stayed within the budget on the confirmation split")
+        doc.para(
+            f"Best feasible: trial {top['trial_number']}, {top['backend']} (not confirmed: {why}; the trial's "
+            f"own figures): {_fmt(top['latency_ms_p50'], '.4f')} ms p50, speedup {_fmt(top['speedup'], '.2f')}x "
+            f"vs FP32 PyTorch, accuracy drop {_fmt(top['accuracy_drop'], '.2f')}, "
+            f"size {_fmt(top['size_bytes'] / 1e3, '.1f')} kB. Config: {config}."
+        )
+        return
+    tied = analysis.ties_of(df, top)
+    ties = (f" Tied within the timing noise with trial(s) {', '.join(map(str, tied['trial_number']))}; "
+            "the simplest is shown first (fewer excluded layers, FP32 before INT8, smaller artifact)."
+            if not tied.empty else " No other finalist is within the timing noise of it.")
+    doc.para(
+        f"Best feasible: trial {top['trial_number']}, {top['backend']}, chosen from the confirmed figures: "
+        f"{_fmt(top['confirmed_latency_ms_p50'], '.4f')} ms p50 (trial: {_fmt(top['latency_ms_p50'], '.4f')}), "
+        f"speedup {_fmt(top['confirmed_speedup'], '.2f')}x vs FP32 PyTorch, accuracy drop "
+        f"{_fmt(top['confirmed_accuracy_drop'], '.2f')} on "
+        f"{describe_split(top['confirmed_split'], top['confirmed_samples'])} "
+        f"(trial: {_fmt(top['accuracy_drop'], '.2f')}), size {_fmt(top['size_bytes'] / 1e3, '.1f')} kB. "
+        f"Config: {config}.{ties}"
+    )
+    doc.para("Finalists, re-timed together round-robin with FP32 and re-scored on the confirmation split "
+             "(same tie group: latencies within the timing noise):")
+    doc.table(_finalists_view(df))
 
 
 def _footer(doc: _Doc, study_dir: Path) -> None:

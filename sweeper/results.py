@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sweeper.confirmed import attach
 from sweeper.location import RemotePath, StudyPath, location
 from sweeper.spec import VERSIONED_PACKAGES
 
@@ -202,10 +203,17 @@ def load(paths: str | StudyPath | Iterable[str | StudyPath]) -> pd.DataFrame:
 
     ``paths`` may be a study folder, a results folder holding several studies, or a list of
     either; each a local path or an object-store URI (``s3://bucket/results/quickstart``). The fixed
-    columns (:data:`COLUMNS`) come first, then each config field found in
-    ``params_json`` as a typed ``param.<field>`` column (:func:`expand_params`).
+    columns (:data:`COLUMNS`) come first, then the finalists' confirmed figures from the newest
+    confirmation set (``confirmed_*``, see :mod:`sweeper.confirmed`; missing for other trials; absent
+    when no study was confirmed),
+    then each config field found in ``params_json`` as a typed ``param.<field>`` column
+    (:func:`expand_params`).
     """
-    df = read_table(paths).to_pandas()
+    import pandas as pd
+
+    # Each study folder's rows meet its own confirmation set (two folders may share a study name).
+    frames = [attach(read_table(d).to_pandas(), d) for d in study_dirs(paths)]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else (frames or [SCHEMA.empty_table().to_pandas()])[0]
     df = df.sort_values(["study", "trial_number"], ignore_index=True)
     return expand_params(df)
 

@@ -58,12 +58,14 @@ def describe_error(exc: BaseException) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Reference:
-    """What a unit's outputs are compared with: the FP32 model's outputs on the evaluation split."""
+    """What a unit's outputs are compared with: the FP32 model's outputs on the trial part of the
+    evaluation split (``keep``: its samples; the held-out part is never scored here)."""
 
     task: Any
     model: Any
     outputs: np.ndarray
     labels: np.ndarray
+    keep: np.ndarray
 
 
 @functools.cache
@@ -83,14 +85,21 @@ def _context(
         baseline = prepare_baseline(task_ref, eval_batch_size)
     else:
         task, model = _task_and_model(task_ref)
-        baseline = _Reference(task=task, model=model, outputs=reference["outputs"], labels=reference["labels"])
+        baseline = _Reference(
+            task=task, model=model, outputs=reference["outputs"], labels=reference["labels"], keep=reference["keep"]
+        )
     ctx = build_context(baseline.model, baseline.task, Path(workdir), num_threads)
     return baseline, ctx
 
 
+def _keep(baseline: Any) -> np.ndarray:
+    """The trial part's samples (all of the split's when nothing is held out)."""
+    return baseline.keep if baseline.keep is not None else np.arange(len(baseline.labels))
+
+
 def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int) -> tuple[float, float]:
     candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
-    outputs, _ = evaluate(candidate.predict, baseline.task, eval_batch_size)
+    outputs, _ = evaluate(candidate.predict, baseline.task, eval_batch_size, _keep(baseline))
     return baseline.task.metric(outputs, baseline.labels), output_error(baseline.outputs, outputs)
 
 
@@ -121,7 +130,7 @@ def list_layers(
         "full_metric": full_metric,
         "full_error": full_error,
         "full_failure": full_failure,
-        "reference": {"outputs": baseline.outputs, "labels": baseline.labels},
+        "reference": {"outputs": baseline.outputs, "labels": baseline.labels, "keep": _keep(baseline)},
     }
 
 

@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 
 COLUMNS = ["task", "backend", "params_json", "layer", "module", "op_type", "members", "metric_fp32", "metric",
            "metric_drop", "output_error", "sqnr_db", "error", "rank", "full_metric_drop", "full_output_error"]
-# Bump when what a layer is changes, so cached tables of the old kind are not read back.
-LAYOUT = 2
+# Bump when what a layer is or what it is scored on changes, so cached tables of the old kind are
+# not read back (3: scored on the trial part of the evaluation split, the held-out part unseen).
+LAYOUT = 3
 
 
 def cache_path(task_ref: TaskRef, backend: str, params: dict[str, Any]) -> Path:

@@ -41,7 +41,7 @@ from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, did_you_mean
 from sweeper.exclusion import ExclusionSearch, parse_exclusion
 from sweeper.params import Param, parse_backend_params
-from sweeper.spec import MeasureSettings
+from sweeper.spec import ConfirmSettings, MeasureSettings
 from sweeper.task import Task
 
 Objective = Literal["latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean", "size_bytes"]
@@ -138,6 +138,7 @@ class SpaceFile(_Strict):
     trial_timeout_s: float | None = Field(default=None, gt=0)
     measure: MeasureSettings = MeasureSettings()
     early_stop: EarlyStop | None = None
+    confirm: ConfirmSettings = ConfirmSettings()
     backends: dict[str, dict[str, Any] | None] = Field(min_length=1)
 
 
@@ -197,6 +198,10 @@ class Space:
     def early_stop(self) -> EarlyStop | None:
         return self.file.early_stop
 
+    @property
+    def confirm(self) -> ConfirmSettings:
+        return self.file.confirm
+
     def target_of(self, backend: str) -> HardwareTarget:
         """The target the backend's trials run on."""
         return self.targets[self.backend_targets[backend]]
@@ -249,6 +254,8 @@ def parse_space(raw: Any, path: Path, text: str) -> Space:
         file = SpaceFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_explain(path, exc, SpaceFile)) from None
+    for key, problem in file.confirm.problems(file.measure):
+        raise ConfigError(f"{path}: key '{key}': {problem}")
     if file.hardware is not None and file.targets is not None:
         raise ConfigError(f"{path}: give either 'hardware' (one target) or 'targets' (several), not both")
     targets = file.targets if file.targets is not None else {"default": file.hardware or HardwareTarget()}

@@ -8,8 +8,13 @@ holds (:class:`StudyInfo`) are typed here too.
 from __future__ import annotations
 
 import dataclasses
+import platform
+import socket
 import time
 from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -58,6 +63,45 @@ class MeasureSettings(BaseModel):
                 "max_runs runs even if min_runs or min_time_s is not reached yet"
             )
         return self
+
+
+class ConfirmSettings(BaseModel):
+    """The finalists' confirmation, once the trial budget is spent (a space file's ``confirm`` block).
+
+    The ``finalists`` best feasible configurations (plus the best FP32 ONNX Runtime trial, when
+    the space has that backend) are re-timed together in one Ray task, round-robin with the FP32
+    baseline, and re-scored on the held-out split. Each model gets at least ``min_runs`` timed
+    calls (default three times a trial's ``measure.min_runs``) in at least ``min_rounds`` rounds,
+    and ``min_time_s`` seconds of timed calls (default twice a trial's). ``finalists: 0`` turns
+    the confirmation off.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    finalists: int = Field(default=5, ge=0)
+    min_runs: int | None = Field(default=None, ge=1)
+    min_time_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    min_rounds: int = Field(default=10, ge=2)
+
+    def problems(self, measure: MeasureSettings) -> list[tuple[str, str]]:
+        """(key, message) for each setting that would time the finalists less than a trial."""
+        found = []
+        if self.min_runs is not None and self.min_runs <= measure.min_runs:
+            found.append(("confirm.min_runs", f"{self.min_runs} must exceed measure.min_runs ({measure.min_runs}): "
+                          "the finalists are timed with more runs than a trial"))
+        if self.min_time_s is not None and self.min_time_s < measure.min_time_s:
+            found.append(("confirm.min_time_s", f"{self.min_time_s:g} must be at least measure.min_time_s "
+                          f"({measure.min_time_s:g}): the finalists are timed for longer than a trial"))
+        return found
+
+    def timing(self, measure: MeasureSettings) -> MeasureSettings:
+        """How the finalists are timed: the trials' settings with more runs and more time."""
+        min_runs = self.min_runs or 3 * measure.min_runs
+        return measure.model_copy(update={
+            "min_runs": min_runs,
+            "max_runs": max(min_runs, 3 * measure.max_runs),
+            "min_time_s": self.min_time_s if self.min_time_s is not None else 2 * measure.min_time_s,
+        })
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +154,43 @@ class Environment:
     versions: dict[str, str] = field(default_factory=dict)
 
 
+@cache
+def environment() -> Environment:
+    """Describe this process's node, hardware and library versions."""
+    versions = {}
+    for dist in VERSIONED_PACKAGES:
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = ""
+    node_id = ""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # outside a Ray worker the node id stays empty
+        node_id = ""
+    return Environment(
+        node_id=node_id,
+        hostname=socket.gethostname(),
+        cpu_model=cpu_model(),
+        device="cpu",
+        versions=versions,
+    )
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrialResult:
     """What one trial measured. Failed trials carry ``error`` and whatever was measured before."""
@@ -154,6 +235,61 @@ class TrialResult:
     error: str | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class FinalistSpec:
+    """One finalist to confirm: its trial, configuration and saved artifact."""
+
+    trial_number: int
+    backend: str
+    params: dict[str, Any]
+    artifact_path: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmSpec:
+    """The finalists of a study, re-timed together in one Ray task and re-scored on the held-out split."""
+
+    study: str
+    task: TaskRef
+    finalists: tuple[FinalistSpec, ...]
+    measure: MeasureSettings  # the confirmation's timing: more runs than a trial's
+    min_rounds: int
+    num_threads: int
+    device: str = "cpu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalistResult:
+    """What the confirmation measured of one finalist (``error`` when it could not be rebuilt)."""
+
+    trial_number: int
+    latency: LatencyStats | None = None
+    round_ms: tuple[float, ...] = ()  # the median of each round, milliseconds
+    accuracy: float | None = None
+    discordant_worse: int | None = None
+    discordant_better: int | None = None
+    source: str | None = None  # "artifact" (the trial's saved model) or "rebuilt"
+    error: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfirmResult:
+    """The confirmation of a study's finalists: each finalist's figures, the FP32 model's on the
+    same split and in the same rounds, and where and how exclusively it was timed."""
+
+    finalists: tuple[FinalistResult, ...]
+    split: str  # "held_out" (of the evaluation split), "task" (the task's own), "evaluation" (none held out)
+    samples: int
+    accuracy_fp32: float
+    baseline_latency: LatencyStats
+    baseline_round_ms: tuple[float, ...]
+    environment: Environment | None = None
+    timing_wait_s: float | None = None
+    concurrent_timings: int | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+
+
 # Error text of trials a stopped driver left running: asked again on resume, not counted in the budget.
 INTERRUPTED = "interrupted:"
 # Error text of configurations their backend rejected before any build: not counted in the budget.
@@ -186,13 +322,19 @@ class FP32Baseline:
     # a latency objective is told to Optuna as candidate / same-trial baseline x this.
     reference_latency_ms: dict[str, float] | None = None
     reference_device: str = "cpu"
+    # The finalists' confirmation split: "held_out" (a part of the evaluation split the trials never
+    # see; eval_samples counts the trial part), "task" (the task's own), "evaluation" (too small to
+    # hold a part out); its size and the FP32 metric on it. None: a study begun before confirmation.
+    confirm_split: str | None = None
+    confirm_samples: int | None = None
+    confirm_metric: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if data["runtime"] == "pytorch":  # the default; study files written before it was recorded lack it
             del data["runtime"]
         # Recorded since schema 3; a study that began without them keeps its file's format.
-        for key in ("fingerprint", "reference_latency_ms"):
+        for key in ("fingerprint", "reference_latency_ms", "confirm_split", "confirm_samples", "confirm_metric"):
             if data[key] is None:
                 del data[key]
         if "reference_latency_ms" not in data:

@@ -20,6 +20,7 @@ from sweeper.dispatch import Dispatcher
 from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.events import EventHandler, SweepPhase, SweepStarted, TrialFinished, TrialRecovered, TrialStarted, ignore
 from sweeper.exclusion import warm_start_ladder
+from sweeper.finalists import confirm
 from sweeper.location import StudyPath
 from sweeper.measure import accuracy_drop
 from sweeper.repeats import Measured, config_key, rejected_key
@@ -61,7 +62,8 @@ class SweepOptions:
 @dataclass(frozen=True)
 class SweepSummary:
     """What a sweep did: rows written, distinct configurations measured in the study, repeat
-    proposals answered from stored results, and whether the sampler ran out of new ones."""
+    proposals answered from stored results, whether the sampler ran out of new ones, and how many
+    finalists this run confirmed (0 when the newest confirmation set already covered them)."""
 
     study_dir: StudyPath
     rows_written: int
@@ -69,6 +71,7 @@ class SweepSummary:
     distinct: int = 0
     repeats: int = 0
     exhausted: bool = False
+    confirmed: int = 0
 
 
 def run_sweep(space: Space, options: SweepOptions, on_event: EventHandler | None = None) -> SweepSummary:
@@ -150,8 +153,11 @@ def _sweep(
     emit(SweepStarted(study=study_name, study_dir=str(study_dir), trials=remaining, done=done,
                       max_concurrent=max_concurrent, accuracy_fp32=baseline.metric))
     written = run_trials(study, run, remaining, max_concurrent, stop, measured)
+    # The budget is spent (a stop raises above): the finalists are confirmed on the held-out split.
+    confirmation = confirm(space, study_name, study_dir, task_ref, baseline, existing_rows(study_dir), emit)
     return SweepSummary(study_dir=study_dir, rows_written=written, wall_time_s=time.time() - started,
-                        distinct=len(measured.rows), repeats=measured.repeats, exhausted=measured.exhausted)
+                        distinct=len(measured.rows), repeats=measured.repeats, exhausted=measured.exhausted,
+                        confirmed=len(confirmation or ()))
 
 
 def _recover_interrupted(study: Any, run: RunningStudy) -> None:

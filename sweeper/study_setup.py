@@ -11,12 +11,12 @@ from typing import Any
 
 from sweeper import results, study_folder
 from sweeper.backends import get_backend
+from sweeper.confirmation import baseline_summary
 from sweeper.errors import ConfigError, SweeperInputError, TaskError
 from sweeper.location import StudyPath
 from sweeper.params import Fixed, Range
 from sweeper.space import Space
 from sweeper.spec import FP32Baseline, StudyInfo, TaskRef
-from sweeper.worker import baseline_summary
 
 
 def open_optuna_study(
@@ -156,4 +156,9 @@ def space_changes(info: StudyInfo, space: Space, task_ref: TaskRef) -> list[str]
     ]
     if info.task and info.task != task_ref.name:
         changes.insert(0, f"task: {info.task!r} -> {task_ref.name!r}")
+    if info.baseline is not None and info.baseline.confirm_split is None:
+        changes.append(
+            "evaluation split: the study's trials were scored on the whole evaluation split; trials are now "
+            "scored on part of it, the rest held out to confirm the finalists"
+        )
     return changes

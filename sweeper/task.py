@@ -98,6 +98,22 @@ class Task(ABC):
         """Whether :meth:`train_batches` is implemented."""
         return type(self).train_batches is not Task.train_batches
 
+    def confirm_batches(self, batch_size: int = 256) -> Iterator[LabeledBatch]:
+        """Yield a held-out confirmation split as (inputs, labels) batches, always in the same order.
+
+        The finalists of a sweep are re-scored on it; no trial, pruning decision or sensitivity
+        ranking sees it. Tasks without one keep this default, which raises ``TaskError``: the
+        evaluation split is then divided once (stratified, seeded) into a trial part and a
+        held-out part (see :func:`sweeper.holdout.held_out_indices`).
+        """
+
+        raise TaskError(f"task '{self.name}' has no confirmation split")
+
+    @property
+    def has_confirmation_split(self) -> bool:
+        """Whether :meth:`confirm_batches` is implemented."""
+        return type(self).confirm_batches is not Task.confirm_batches
+
     def metric(self, outputs: np.ndarray, labels: np.ndarray) -> float:
         """Top-1 accuracy in percent of ``outputs`` (logits, batch-first) against ``labels``."""
         return float(np.mean(np.argmax(outputs, axis=-1) == labels) * 100.0)
@@ -112,7 +128,7 @@ class Task(ABC):
 
 
 # Task methods whose ``batch_size`` (and, for calibration, ``n``) the base class checks.
-CHECKED_METHODS = ("example_inputs", "calibration_batches", "eval_batches", "train_batches")
+CHECKED_METHODS = ("example_inputs", "calibration_batches", "eval_batches", "train_batches", "confirm_batches")
 
 
 def _checked(name: str, method: Callable[..., Any]) -> Callable[..., Any]:

@@ -19,7 +19,16 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from sweeper.analysis import best_feasible, closest_infeasible, maximised, state_counts
+from sweeper.analysis import (
+    best_feasible,
+    closest_infeasible,
+    confirmed_study,
+    confirmed_within_budget,
+    maximised,
+    state_counts,
+    ties_of,
+)
+from sweeper.confirmed import describe_split
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -217,20 +226,97 @@ def print_summary(
         return False
     top = best.iloc[0]
     line = Text("Best feasible: ", style="bold green")
-    line.append(
-        f"trial {top.trial_number} {top.backend}: {top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x "
-        f"vs FP32 {runtime_name(top)}, accuracy drop {top.accuracy_drop:.2f} "
-        f"({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}){drop_interval_text(top)}, size {top.size_bytes / 1e3:.1f} kB",
-        style="default",
-    )
+    line.append(_winner_text(top), style="default")
     if objective not in ("latency_ms_p50", "speedup", "accuracy_drop", "accuracy", "size_bytes"):
         line.append(f", {objective} {top[objective]:g}")
     console.print(line)
     console.print(indent(f"config: {top.params_json}"))
+    for note in confirmation_notes(df, top, objective):
+        console.print(indent(note))
+    if confirmed_study(df):
+        console.print(finalists(df, console, show_study=show_study))
     order = "highest" if maximise else "lowest"
     console.print(trials(best, console, title=f"Best feasible trials by {objective}, {order} first",
                                show_study=show_study))
     return True
+
+
+def _winner_text(top: Any) -> str:
+    """The winner's figures: confirmed ones (with its trial's beside them) when it was confirmed."""
+    size = f"size {top.size_bytes / 1e3:.1f} kB"
+    if not confirmed_within_budget(top):
+        return (
+            f"trial {top.trial_number} {top.backend}: {top.latency_ms_p50:.3f} ms p50, speedup {top.speedup:.2f}x "
+            f"vs FP32 {runtime_name(top)}, accuracy drop {top.accuracy_drop:.2f} "
+            f"({top.accuracy:.2f} vs {top.accuracy_fp32:.2f}){drop_interval_text(top)}, {size}"
+        )
+    interval = drop_interval_text(top, "confirmed_")
+    return (
+        f"trial {top.trial_number} {top.backend}: {top.confirmed_latency_ms_p50:.4f} ms p50 confirmed "
+        f"({top.latency_ms_p50:.4f} ms in its trial), speedup {top.confirmed_speedup:.2f}x vs FP32 "
+        f"{runtime_name(top)}, accuracy drop {top.confirmed_accuracy_drop:.2f} on "
+        f"{describe_split(top.confirmed_split, top.confirmed_samples)}{interval} "
+        f"({top.accuracy_drop:.2f} in its trial), {size}"
+    )
+
+
+def confirmation_notes(df: Any, top: Any, objective: str = "latency_ms_p50") -> list[str]:
+    """How the winner was chosen: from confirmed figures (and what it is tied with), or why not."""
+    if not confirmed_study(df):
+        return ["not confirmed: the study has no confirmation set (it began before confirmation, was stopped, or "
+                "has it turned off), so these are the trial's own figures"]
+    finalist_rows = df[df["confirmed_set"].notna()]
+    if not confirmed_within_budget(top):
+        return [f"not confirmed: none of the {len(finalist_rows)} finalists stayed within the budget on the "
+                "confirmation split, so this is the best trial that was not a finalist (its own figures)"]
+    runs = int(top.confirmed_latency_runs)
+    notes = [f"chosen from the confirmed figures of {plural(len(finalist_rows), 'finalist')}, timed together "
+             f"round-robin with FP32 ({runs} runs each in {int(top.confirmed_rounds)} rounds)"]
+    first = best_feasible(df.drop(columns=["confirmed_set"]), objective, k=1).iloc[0]
+    if first.trial_number != top.trial_number:
+        confirmed_p50 = _fmt(first.get("confirmed_latency_ms_p50"), ".4f")
+        notes.append(
+            f"by the trials' own figures trial {first.trial_number} {first.backend} was the best "
+            f"({first.latency_ms_p50:.4f} ms p50); confirmed: {confirmed_p50} ms p50, rank "
+            f"{_fmt(first.get('confirmed_rank'), '.0f')}"
+        )
+    tied = ties_of(df, top)
+    if tied.empty:
+        notes.append("no other finalist is within the timing noise of it")
+    else:
+        others = ", ".join(f"trial {r.trial_number} {r.backend} ({r.confirmed_latency_ms_p50:.4f} ms)"
+                           for r in tied.itertuples())
+        notes.append(f"tied within the timing noise with {others}; shown simplest first (fewer excluded layers, "
+                     "FP32 before INT8, smaller artifact)")
+    return notes
+
+
+def finalists(df: Any, console: Console, *, show_study: bool = False) -> RenderableType:
+    """The finalists of the newest confirmation set in rank order: confirmed figures beside the trials'."""
+    rows = list(df[df["confirmed_set"].notna()].sort_values(["study", "confirmed_rank"]).itertuples())
+    title = "Finalists, confirmed together (tie: same number = within the timing noise)"
+    table = Table(title=title, title_justify="left")
+    headers = ["rank", "tie", "trial", "backend", "p50 ms", "trial p50 ms", "speedup", "drop", "trial drop", "held"]
+    for header in (["study"] if show_study else []) + headers:
+        table.add_column(header, no_wrap=True, justify="right" if header not in ("backend", "study") else "left")
+    cells = [_finalist_cells(r) for r in rows]
+    for r, row_cells in zip(rows, cells, strict=True):
+        table.add_row(*([Text(str(r.study))] if show_study else []), *(Text(c) for c in row_cells))
+    if fits(console, table):
+        return table
+    return _blocks(title, [Text("  ".join(f"{h} {c}" for h, c in zip(headers, row_cells, strict=True)))
+                           for row_cells in cells])
+
+
+def _finalist_cells(r: Any) -> list[str]:
+    group = r.confirmed_tie_group
+    held = "yes" if confirmed_within_budget(r) else ("failed" if isinstance(r.confirmed_error, str) else "no")
+    return [
+        str(int(r.confirmed_rank)), "-" if group != group or group is None else str(int(group)), str(r.trial_number),
+        str(r.backend), _fmt(r.confirmed_latency_ms_p50, ".4f"), _fmt(r.latency_ms_p50, ".4f"),
+        _fmt(r.confirmed_speedup, ".2f", "x"), _fmt(r.confirmed_accuracy_drop, ".2f"), _fmt(r.accuracy_drop, ".2f"),
+        held,
+    ]
 
 
 def runtime_name(row: Any) -> str:
@@ -239,8 +325,8 @@ def runtime_name(row: Any) -> str:
     return "Keras" if runtime == "keras" else "PyTorch"
 
 
-def drop_interval_text(row: Any) -> str:
-    low, high = getattr(row, "accuracy_drop_low", None), getattr(row, "accuracy_drop_high", None)
+def drop_interval_text(row: Any, prefix: str = "") -> str:
+    low, high = getattr(row, f"{prefix}accuracy_drop_low", None), getattr(row, f"{prefix}accuracy_drop_high", None)
     if low is None or high is None or low != low or high != high:  # missing or NaN
         return ""
     return f", 95 % interval {low:.2f}..{high:.2f}"

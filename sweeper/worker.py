@@ -12,14 +12,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import platform
-import socket
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,16 +37,14 @@ from sweeper.measure import (
     should_prune,
     stratified_subset,
     time_interleaved,
+    trial_indices,
 )
 from sweeper.spec import (
-    VERSIONED_PACKAGES,
-    Environment,
-    FP32Baseline,
-    MeasureSettings,
     Outcome,
     TaskRef,
     TrialResult,
     TrialSpec,
+    environment,
 )
 from sweeper.task import Task, load_task
 
@@ -59,10 +54,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The FP32 model of a task and what it gives on the evaluation split.
+    """The FP32 model of a task and what it gives on the trial part of the evaluation split.
 
     ``runtime`` says what runs it: ``"pytorch"`` (eager) for a torch model, ``"keras"`` for a
-    Keras one (a task whose ONNX backends export it with tf2onnx).
+    Keras one (a task whose ONNX backends export it with tf2onnx). ``keep`` lists the samples of
+    the evaluation split (in ``eval_batches`` order) that trials are scored on, ``None`` all of
+    them; the rest is held out for the finalists' confirmation (:func:`held_out_reference`).
     """
 
     task: Task
@@ -75,6 +72,7 @@ class Baseline:
     # The FP32 weights' hash and the evaluation data's hash, "<weights>-<data>": a study stores the
     # one its baseline was measured with, and every trial checks its own against it.
     fingerprint: str = ""
+    keep: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -112,13 +110,14 @@ def build_context(
     )
 
 
-def evaluate(predict: Any, task: Task, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run ``predict`` over the task's evaluation split; return (outputs, labels)."""
-    outputs, labels = [], []
-    for batch, y in task.eval_batches(batch_size):
-        outputs.append(np.asarray(predict(batch), dtype=np.float32))
-        labels.append(y)
-    return np.concatenate(outputs), np.concatenate(labels)
+def evaluate(
+    predict: Any, task: Task, batch_size: int, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run ``predict`` over the task's evaluation split (only the samples ``keep`` lists, when
+    given); return (outputs, labels)."""
+    data = EvalData.load(task, batch_size)
+    data = data if keep is None else data.select(keep)
+    return predict_rows(predict, data), data.labels
 
 
 @cache
@@ -131,7 +130,9 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
     if not is_keras_model(model):
         model = model.eval()
     fp32 = fp32_candidate(model, task, torch.get_num_threads())
-    data = EvalData.load(task, eval_batch_size)
+    full = EvalData.load(task, eval_batch_size)
+    keep = trial_indices(task, full.labels)
+    data = full if keep is None else full.select(keep)
     outputs = predict_rows(fp32.predict, data)
     return Baseline(
         task=task,
@@ -141,60 +142,9 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
         metric=task.metric(outputs, data.labels),
         size_bytes=_state_bytes(model),
         runtime="keras" if is_keras_model(model) else "pytorch",
-        fingerprint=f"{model_fingerprint(model)}-{data.digest()}",
+        fingerprint=f"{model_fingerprint(model)}-{full.digest()}",
+        keep=keep,
     )
-
-
-def baseline_summary(
-    task_ref: TaskRef,
-    measure: MeasureSettings,
-    num_threads: int,
-    preflight: list[tuple[str, dict[str, Any]]] | tuple[()] = (),
-    device: str = "cpu",
-) -> FP32Baseline:
-    """The FP32 figures a study needs once, after the backends' preflight checks.
-
-    Returns the FP32 metric, its direction, the state dict's size, the fingerprint of the weights
-    and evaluation data, and the FP32 latency on ``device`` (the reference a latency objective is
-    scaled to). ``preflight`` lists (backend, params) pairs whose
-    :meth:`~sweeper.backends.Backend.preflight` must pass.
-    """
-    set_threads(num_threads)
-    baseline = prepare_baseline(task_ref, measure.eval_batch_size)
-    with tempfile.TemporaryDirectory(prefix="sweeper-preflight-") as workdir:
-        ctx = build_context(baseline.model, baseline.task, Path(workdir), num_threads)
-        for backend, params in preflight:
-            get_backend(backend).preflight(ctx, get_backend(backend).config(params))
-    return FP32Baseline(
-        metric=baseline.metric,
-        metric_name=baseline.task.metric_name,
-        higher_is_better=baseline.task.higher_is_better,
-        runtime=baseline.runtime,
-        size_bytes=baseline.size_bytes,
-        calibration_size=baseline.task.calibration_size,
-        eval_samples=int(baseline.labels.shape[0]),
-        environment=environment(),
-        fingerprint=baseline.fingerprint,
-        reference_latency_ms=_reference_latency(baseline, measure, num_threads, device),
-        reference_device=_usable(device) if baseline.runtime == "pytorch" else "cpu",
-    )
-
-
-def _usable(device: str) -> str:
-    """``device``, or the CPU when it names a GPU this node cannot use (a CPU path of a GPU target)."""
-    import torch
-
-    return device if device == "cpu" or torch.cuda.is_available() else "cpu"
-
-
-def _reference_latency(baseline: Baseline, measure: MeasureSettings, num_threads: int, device: str) -> dict[str, float]:
-    """The FP32 model's latency on ``device`` (ms per call), timed under the machine's timing lock."""
-    device = _usable(device) if baseline.runtime == "pytorch" else "cpu"
-    fp32 = fp32_candidate(baseline.model, baseline.task, num_threads, device)
-    example = baseline.task.example_inputs(measure.batch_size)
-    with exclusive_timing():
-        stats, _ = time_interleaved(lambda: fp32.predict(example), lambda: fp32.predict(example), measure)
-    return {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
 
 
 def set_threads(num_threads: int) -> None:
@@ -202,43 +152,6 @@ def set_threads(num_threads: int) -> None:
     import torch
 
     torch.set_num_threads(num_threads)
-
-
-@cache
-def environment() -> Environment:
-    """Describe this process's node, hardware and library versions."""
-    versions = {}
-    for dist in VERSIONED_PACKAGES:
-        try:
-            versions[dist] = version(dist)
-        except PackageNotFoundError:
-            versions[dist] = ""
-    node_id = ""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            node_id = ray.get_runtime_context().get_node_id()
-    except Exception:  # outside a Ray worker the node id stays empty
-        node_id = ""
-    return Environment(
-        node_id=node_id,
-        hostname=socket.gethostname(),
-        cpu_model=cpu_model(),
-        device="cpu",
-        versions=versions,
-    )
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_trial_with_ledger(spec: TrialSpec, ledger: Any) -> TrialResult:

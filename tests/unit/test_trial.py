@@ -36,7 +36,8 @@ def test_cheap_first_evaluation_prunes_beyond_the_threshold(tmp_path: Path, digi
     # Any drop (0 included) exceeds a threshold of -1: the trial stops after the subset.
     result = run_trial(_spec(tmp_path, digits_task_path, early_stop_fraction=0.25, prune_above_drop=-1.0))
     assert result.state == "pruned", result.error
-    assert result.subset_samples == 90  # a quarter of the 360 evaluation samples
+    # A quarter of the trial part: the 360 evaluation samples less the 120 held out for confirmation.
+    assert result.subset_samples == 60 and result.eval_samples is None
     assert result.subset_accuracy is not None and result.subset_accuracy_fp32 is not None
     assert result.accuracy is None and result.latency is None
 
@@ -44,7 +45,8 @@ def test_cheap_first_evaluation_prunes_beyond_the_threshold(tmp_path: Path, digi
 def test_cheap_first_evaluation_goes_on_when_promising(tmp_path: Path, digits_task_path: Path) -> None:
     result = run_trial(_spec(tmp_path, digits_task_path, early_stop_fraction=0.25, prune_above_drop=5.0))
     assert result.state == "complete"
-    assert result.subset_samples == 90 and result.accuracy is not None and result.latency is not None
+    assert result.subset_samples == 60 and result.accuracy is not None and result.latency is not None
+    assert result.eval_samples == 240, "scored on the trial part only; the held-out third is never seen"
 
 
 def test_a_failing_build_is_a_failed_result(tmp_path: Path, digits_task_path: Path) -> None:
@@ -77,17 +79,17 @@ def test_the_pruning_bound_keeps_a_candidate_that_may_be_within_the_budget(tmp_p
                  early_stop_fraction=0.25, max_drop_points=0.0, subset_seed=3)
     result = run_trial(spec)
     assert result.state == "complete", result.error
-    assert result.subset_samples == 90 and result.discordant_worse == 0
+    assert result.subset_samples == 60 and result.discordant_worse == 0  # a quarter of the 240 trial samples
 
 
 def test_the_pruning_bound_prunes_when_the_budget_is_surely_exceeded(tmp_path: Path, digits_task_path: Path) -> None:
-    # A budget of -20 points (the candidate would have to gain 20 points on FP32): 90 samples
-    # with no discordant one bound the gain below about 4 points, so the trial is pruned.
+    # A budget of -20 points (the candidate would have to gain 20 points on FP32): 60 samples
+    # with no discordant one bound the gain below about 6 points, so the trial is pruned.
     spec = _spec(tmp_path, digits_task_path, backend="onnxruntime_fp32", params={},
                  early_stop_fraction=0.25, max_drop_points=-20.0)
     result = run_trial(spec)
     assert result.state == "pruned" and result.latency is None
-    # ...but not with a budget the same 90 samples cannot rule out (-2 points).
+    # ...but not with a budget the same 60 samples cannot rule out (-2 points).
     spec = _spec(tmp_path, digits_task_path, backend="onnxruntime_fp32", params={},
                  early_stop_fraction=0.25, max_drop_points=-2.0)
     assert run_trial(spec).state == "complete"
