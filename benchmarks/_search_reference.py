@@ -47,10 +47,10 @@ from sweeper.rows import flatten
 from sweeper.sampling import suggest
 from sweeper.sensitivity import study_rankings
 from sweeper.space import Space
-from sweeper.spec import VERSIONED_PACKAGES, Environment, LatencyStats, TaskRef, TrialResult, TrialSpec
+from sweeper.spec import VERSIONED_PACKAGES, Environment, LatencyStats, TaskRef, TrialResult, TrialSpec, cpu_model
 from sweeper.study import RunningStudy
 from sweeper.study_setup import first_params, study_info
-from sweeper.worker import cpu_model, evaluate, fp32_candidate
+from sweeper.worker import evaluate, fp32_candidate
 
 # Bump when what the reference table holds changes, so an older cached table is not read back.
 LAYOUT = 2

@@ -112,7 +112,12 @@ def replay_sweeper(reference: Reference, budget: int, seed: int, out: Path) -> R
     study_dir = study_folder.prepare(out, name, resume=False)
     options = SweepOptions(out=out, study=name, trials=budget, seed=seed, max_concurrent=1)
     started = time.perf_counter()
-    with mock.patch.object(sweeper.study, "Dispatcher", lookup_dispatcher(reference)):
+    # The finalists' confirmation (a Ray task re-timing the best few) is not replayed: the
+    # reference's second pass, which no search saw, stands for the confirmed figures.
+    with (
+        mock.patch.object(sweeper.study, "Dispatcher", lookup_dispatcher(reference)),
+        mock.patch.object(sweeper.study, "confirm", return_value=None),
+    ):
         summary = sweeper.study._sweep(
             reference.space, options, study_dir, reference.task_ref, reference.baseline, reference.rankings,
             ignore, StopFlag(), time.time(),

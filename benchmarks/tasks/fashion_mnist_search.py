@@ -15,13 +15,14 @@ Training and calibration splits, the model and its trained weights are exactly t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sweeper.array_task import ArraySplit, ArraySplits
-from sweeper.task import load_task
+from sweeper.task import LabeledBatch, load_task
 
 _BASE_FILE = Path(__file__).resolve().parents[2] / "tasks" / "fashion_mnist_cnn.py"
 _BASE = load_task(str(_BASE_FILE))
@@ -69,6 +70,12 @@ class FashionMnistSearch(_BaseTask):
 
     def weights_path(self) -> Path:
         return _BASE.weights_path()
+
+    def confirm_batches(self, batch_size: int = 256) -> Iterator[LabeledBatch]:
+        """The other half: a sweep confirms its finalists there, and its trials see all of theirs."""
+        _, held_out = halves(_BASE.splits.evaluation)
+        other = held_out if self.part == "search" else halves(_BASE.splits.evaluation)[0]
+        return self._labeled(other.batches(batch_size))
 
 
 TASK = FashionMnistSearch("search")
