@@ -163,13 +163,13 @@ def simplicity(row: dict[str, Any]) -> tuple[int, int, float]:
     )
 
 
-def rank(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
+def rank(rows: Sequence[dict[str, Any]], confidence: float = 0.95, margin: float = 0.0) -> list[dict[str, Any]]:
     """Each confirmation row with ``confirmed_rank`` and ``confirmed_tie_group``, in rank order.
 
     A row needs ``confirmed_feasible``, ``confirmed_latency_ms_p50``, ``confirmed_round_ms`` and,
     for the order inside a tie, ``backend``, ``n_excluded`` and ``size_bytes``. Groups form
     greedily: the fastest finalist not yet grouped leads a group of every remaining one tied with
-    it (:func:`sweeper.measure.tied` over the two per-round medians).
+    it (:func:`sweeper.measure.tied` over the two per-round medians, with ``margin``).
     """
     ok = sorted(
         (r for r in rows if r.get("confirmed_feasible") and r.get("confirmed_latency_ms_p50") is not None),
@@ -185,7 +185,7 @@ def rank(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[
         group += 1
         leader = ok[0]
         lead = leader["confirmed_round_ms"]
-        members = [r for r in ok if r is leader or tied(r["confirmed_round_ms"], lead, confidence)]
+        members = [r for r in ok if r is leader or tied(r["confirmed_round_ms"], lead, confidence, margin)]
         ok = [r for r in ok if not any(r is m for m in members)]
         ordered += [{**r, "confirmed_tie_group": group} for r in sorted(members, key=simplicity)]
     ordered += [{**r, "confirmed_tie_group": None} for r in rest]

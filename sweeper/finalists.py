@@ -111,7 +111,7 @@ def confirm(
         found = {f.trial_number: f for f in result.finalists} if result is not None else {}
         for row in groups[target_name]:
             made.append(_row(space, study, row, found.get(row["trial_number"]), result, baseline, error))
-    ranked = confirmed.rank(made)
+    ranked = confirmed.rank(made, margin=space.confirm.tie_margin)
     confirmed.write_set(study_dir, [{k: v for k, v in r.items() if k in confirmed.CONFIRMED_NAMES} for r in ranked])
     emit(ConfirmationFinished(rows=tuple(ranked)))
     return ranked

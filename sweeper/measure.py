@@ -375,7 +375,12 @@ def latency_ratio_interval(
     return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1.0 - tail))
 
 
-def tied(a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = 0.95) -> bool:
-    """Whether two latency samples are within each other's noise (the ratio interval holds 1)."""
+def tied(a_ms: Sequence[float], b_ms: Sequence[float], confidence: float = 0.95, margin: float = 0.0) -> bool:
+    """Whether two latency samples are within each other's noise: the ratio interval of their
+    medians reaches into ``[1 / (1 + margin), 1 + margin]`` (with ``margin`` 0: holds 1).
+
+    ``margin`` is the difference taken as no difference at all: one run's rounds measure the noise
+    within that run, not how far a second run on the same machine lands from it.
+    """
     low, high = latency_ratio_interval(a_ms, b_ms, confidence)
-    return low <= 1.0 <= high
+    return low <= 1.0 + margin and high >= 1.0 / (1.0 + margin)

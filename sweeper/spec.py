@@ -73,7 +73,8 @@ class ConfirmSettings(BaseModel):
     baseline, and re-scored on the held-out split. Each model gets at least ``min_runs`` timed
     calls (default three times a trial's ``measure.min_runs``) in at least ``min_rounds`` rounds,
     and ``min_time_s`` seconds of timed calls (default twice a trial's). ``finalists: 0`` turns
-    the confirmation off.
+    the confirmation off. Finalists whose latencies differ by less than ``tie_margin`` (a share,
+    default 2 %) beyond the rounds' noise are tied.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -82,6 +83,10 @@ class ConfirmSettings(BaseModel):
     min_runs: int | None = Field(default=None, ge=1)
     min_time_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     min_rounds: int = Field(default=10, ge=2)
+    # Finalists whose confirmed latencies differ by less than this share (and whatever the
+    # rounds' noise adds) tie: on a shared 2-core machine a configuration's p50 moved by a median
+    # 1.3 % between two runs (benchmarks/benchmark_search.py), more than one run's rounds show.
+    tie_margin: float = Field(default=0.02, ge=0, le=0.5)
 
     def problems(self, measure: MeasureSettings) -> list[tuple[str, str]]:
         """(key, message) for each setting that would time the finalists less than a trial."""

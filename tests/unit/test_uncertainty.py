@@ -93,3 +93,10 @@ def test_latency_ties() -> None:
     a = rng.normal(1.00, 0.05, 200)
     assert tied(a, rng.normal(1.005, 0.05, 200))
     assert not tied(a, rng.normal(1.20, 0.05, 200))
+
+
+def test_a_tie_margin_ties_what_the_rounds_alone_separate() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1.0, 0.005, 600), rng.normal(1.01, 0.005, 600)  # 1 % apart, tight rounds
+    assert not tied(a, b), "the rounds alone resolve 1 %"
+    assert tied(a, b, margin=0.02) and not tied(a, rng.normal(1.05, 0.005, 600), margin=0.02)
