@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 from sweeper import analysis, results
+from sweeper.confirmed import describe_split
 from sweeper.errors import SweeperInputError
 from sweeper.export import Export, export_trial
 from sweeper.location import StudyPath, location
@@ -169,7 +170,7 @@ class Study:
             return (
                 f"trial {best.trial_number} {best.backend} is the best feasible, from confirmed figures: "
                 f"{best.confirmed_latency_ms_p50:.3f} ms p50, speedup {best.confirmed_speedup:.2f}x, accuracy drop "
-                f"{best.confirmed_accuracy_drop:.2f} on {best.confirmed_samples} {best.confirmed_split} samples"
+                f"{best.confirmed_accuracy_drop:.2f} on {describe_split(best.confirmed_split, best.confirmed_samples)}"
                 + (f"; tied within the timing noise with trial(s) {', '.join(map(str, tied['trial_number']))}"
                    if not tied.empty else "")
             )
