@@ -111,15 +111,19 @@ def _score(
         outputs = _predict_rows(candidate.predict, inputs, rows, eval_batch_size)
         reference, labels = baseline.outputs[rows], baseline.labels[rows]
     low, high = output_error_interval(reference, outputs)
+    ref64 = reference.astype(np.float64)
     scored = {
         "metric_fp32": task.metric(reference, labels), "metric": task.metric(outputs, labels),
-        "output_error": output_error(reference, outputs),
-        "output_error_low": low, "output_error_high": high, "samples": len(labels), "worse": None, "better": None,
+        "output_error": output_error(reference, outputs), "output_error_low": low, "output_error_high": high,
+        "samples": len(labels), "worse": None, "better": None, "correct": None,
+        # Sums that add up over disjoint samples (see sweeper.sensitivity.merge_scores).
+        "noise": float(np.sum((outputs.astype(np.float64) - ref64) ** 2)), "signal": float(np.sum(ref64 * ref64)),
     }  # fmt: skip
     fp32_correct = task.correct(reference, labels)
     if fp32_correct is not None:
-        counts = DropCounts.from_predictions(fp32_correct, task.correct(outputs, labels))
-        scored |= {"worse": counts.worse, "better": counts.better}
+        correct = task.correct(outputs, labels)
+        counts = DropCounts.from_predictions(fp32_correct, correct)
+        scored |= {"worse": counts.worse, "better": counts.better, "correct": int(np.sum(correct))}
     return scored
 
 

@@ -11,8 +11,10 @@ evaluation sets), most sensitive first.
 
 With a :class:`~sweeper.triage.SubsetFirst` (the CLI and a study pass one), every unit is first
 scored on a seeded subset of the evaluation split, and only the units whose place at the top of
-the ranking the subset leaves uncertain are scored again on the whole split (see
-:mod:`sweeper.triage`); without one, every unit is scored on the whole split.
+the ranking the subset leaves uncertain are scored on the whole split (see :mod:`sweeper.triage`):
+for a top-1 task on the rest of it, the counts and error sums of the two parts added up
+(:func:`~sweeper.sensitivity_table.merge_scores`); without a subset, every unit is scored on the
+whole split.
 
 A unit whose build or evaluation raises gets a row with its ``error``, ranks first (it is the one
 to leave in float) and the ranking goes on. One Ray task scores one chunk of units; each chunk's
@@ -49,7 +51,7 @@ from sweeper.exclusion import check_against_ranking
 from sweeper.location import StudyPath, cache_dir, cache_key
 from sweeper.measure import DropCounts
 from sweeper.scoring import describe_error, list_layers, score_layers
-from sweeper.sensitivity_table import SCORE_COLUMNS, rank_table, ranking, table_rows
+from sweeper.sensitivity_table import SCORE_COLUMNS, merge_scores, rank_table, ranking, table_rows
 from sweeper.space import Space
 from sweeper.spec import TaskRef
 from sweeper.triage import SubsetFirst, SubsetScore, subset_rows, to_rescore
@@ -57,6 +59,9 @@ from sweeper.triage import SubsetFirst, SubsetScore, subset_rows, to_rescore
 if TYPE_CHECKING:
     import pandas as pd
 
+# A deep exclusion ladder (top_k up to 40, say) needs the order of its first layers most: past these,
+# each layer costs little alone and the subset's order stands (see sweeper.triage).
+STUDY_CONFIRM_TOP = 16
 # Bump when what a layer is changes, so cached tables of the old kind are not read back.
 LAYOUT = 3
 
@@ -193,7 +198,11 @@ def run_sensitivity(
     if subset is not None and rows is not None:
         chosen = set(to_rescore(subset_scores(first, units, subset.confidence), subset))
         names = [name for name in units if name in chosen]
-        again = scoring.run("full", names, None, offset=len(units), total=len(units) + len(names))
+        # A top-1 task's scores add up over disjoint samples: the rest of the split completes the subset.
+        rest = np.setdiff1d(np.arange(len(info["reference"]["labels"])), rows) if info["top1"] else None
+        again = scoring.run("full", names, rest, offset=len(units), total=len(units) + len(names))
+        if rest is not None:
+            again = merge_scores(first, again)
     confidence = 0.95 if subset is None else subset.confidence
     table = rank_table(table_rows(task_ref, backend, params, info, first, again, confidence), units)
     _write_atomically(cached, lambda tmp: table.to_parquet(tmp, index=False))
@@ -360,10 +369,12 @@ def _report_progress(emit: EventHandler, backend: str, done: int, total: int) ->
 
 
 def study_subset(space: Space, candidates: int) -> SubsetFirst:
-    """The subset-first settings of a study's ranking: whole-split figures for the ``candidates``
-    most sensitive layers its exclusion search can reach, the budget as the drop that settles a
-    layer (an absolute ``max_drop``; the default otherwise)."""
+    """The subset-first settings of a study's ranking: whole-split figures for the layers that
+    could be among the ``candidates`` most sensitive its exclusion search can reach, at most
+    :data:`STUDY_CONFIRM_TOP` of them, and the budget as the drop that settles a layer (an absolute
+    ``max_drop``; the default otherwise)."""
+    top = max(1, min(candidates, STUDY_CONFIRM_TOP))
     constraint = space.constraint
     if constraint.mode == "absolute":
-        return SubsetFirst(top=max(1, candidates), resolve_points=constraint.max_drop)
-    return SubsetFirst(top=max(1, candidates))
+        return SubsetFirst(top=top, resolve_points=constraint.max_drop)
+    return SubsetFirst(top=top)

@@ -33,7 +33,7 @@ COLUMNS = ["task", "backend", "params_json", "layer", "module", "op_type", "memb
            "subset_drop_low", "subset_drop_high", "rank", "full_metric_drop", "full_output_error"]  # fmt: skip
 # The columns of a scored chunk's rows as a Ray task returns them (see sweeper.scoring).
 SCORE_COLUMNS = ["layer", "metric_fp32", "metric", "output_error", "output_error_low", "output_error_high",
-                 "samples", "worse", "better", "error"]  # fmt: skip
+                 "samples", "worse", "better", "correct", "noise", "signal", "error"]  # fmt: skip
 
 
 
@@ -46,6 +46,30 @@ def _counts(r: dict[str, Any]) -> DropCounts | None:
     if any(_missing(r.get(key)) for key in ("worse", "better", "samples")):
         return None
     return DropCounts(n=int(r["samples"]), worse=int(r["worse"]), better=int(r["better"]))
+
+
+def merge_scores(first: pd.DataFrame, rest: pd.DataFrame) -> pd.DataFrame:
+    """Whole-split scores of a top-1 task's units from their scores on the subset (``first``) and
+    on the rest of the split (``rest``): counts and squared-error sums add up over disjoint samples,
+    and the metric is the share of samples classified right. A unit that failed on the rest keeps
+    that row."""
+    import pandas as pd
+
+    subset = {r["layer"]: r for r in first.to_dict("records")}
+    merged = []
+    for r in rest.to_dict("records"):
+        s = subset[r["layer"]]
+        if not _missing(r["error"]) or _missing(r["correct"]) or _missing(s["correct"]):
+            merged.append(r)
+            continue
+        n, noise, signal = s["samples"] + r["samples"], s["noise"] + r["noise"], s["signal"] + r["signal"]
+        sums = {key: s[key] + r[key] for key in ("worse", "better", "correct")}
+        merged.append({
+            **r, **sums, "samples": n, "noise": noise, "signal": signal, "output_error": noise / (signal or 1.0),
+            "output_error_low": math.nan, "output_error_high": math.nan, "metric": 100.0 * sums["correct"] / n,
+            "metric_fp32": 100.0 * (sums["correct"] + sums["worse"] - sums["better"]) / n,
+        })  # fmt: skip
+    return pd.DataFrame(merged, columns=rest.columns)
 
 
 def table_rows(

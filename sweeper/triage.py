@@ -49,6 +49,9 @@ class SubsetFirst:
     Attributes:
         fraction: share of the evaluation split in the subset (of each label's samples, for a
             top-1 task); 1.0 scores every layer on the whole split.
+        max_samples: a smaller share when ``fraction`` of the split would be more samples than
+            this (the ranking's output errors settle on a few hundred samples; a large split's
+            share would cost as much as the whole split of a small one).
         seed: the subset's random seed (the same seed picks the same samples on a rerun).
         top: how many of the most sensitive layers must have whole-split figures (a study passes
             the most layers its exclusion search can leave in float).
@@ -58,6 +61,7 @@ class SubsetFirst:
     """
 
     fraction: float = 0.25
+    max_samples: int = 256
     seed: int = 0
     top: int = 16
     resolve_points: float = 1.0
@@ -66,6 +70,7 @@ class SubsetFirst:
     def __post_init__(self) -> None:
         checks = {
             "fraction": (0.0 < self.fraction <= 1.0, "in (0, 1]"),
+            "max_samples": (self.max_samples >= 1, "at least 1"),
             "top": (self.top >= 1, "at least 1"),
             "resolve_points": (self.resolve_points >= 0 and math.isfinite(self.resolve_points), ">= 0"),
             "confidence": (0.5 <= self.confidence < 1.0, "in [0.5, 1)"),
@@ -77,13 +82,15 @@ class SubsetFirst:
 
 def subset_rows(labels: np.ndarray, settings: SubsetFirst, *, stratify: bool) -> np.ndarray | None:
     """Sorted indices of the subset of an evaluation split with ``labels``, or ``None`` when the
-    subset would be the whole split (nothing to gain). ``stratify``: per label (top-1 tasks)."""
+    subset would be the whole split (nothing to gain). ``stratify``: per label (top-1 tasks),
+    at least one sample of each label (so the subset may hold a few more than ``max_samples``)."""
     n = len(labels)
+    fraction = min(settings.fraction, settings.max_samples / max(n, 1))
     if stratify:
-        rows = stratified_subset(labels, settings.fraction, settings.seed)
+        rows = stratified_subset(labels, fraction, settings.seed)
     else:
         rng = np.random.default_rng(settings.seed)
-        rows = np.sort(rng.choice(n, size=max(1, round(n * settings.fraction)), replace=False))
+        rows = np.sort(rng.choice(n, size=max(1, round(n * fraction)), replace=False))
     return None if len(rows) >= n else rows
 
 

@@ -22,6 +22,8 @@ def test_the_subset_is_seeded_and_stratified() -> None:
     assert np.bincount(labels[rows]).tolist() == [10, 10, 3, 1]
     plain = subset_rows(np.linspace(0, 1, 100), SubsetFirst(fraction=0.3), stratify=False)
     assert plain is not None and len(plain) == 30 and np.all(np.diff(plain) > 0)
+    capped = subset_rows(np.repeat(np.arange(2), 1000), SubsetFirst(fraction=0.25, max_samples=200), stratify=True)
+    assert capped is not None and len(capped) == 200
     # A subset that would hold the whole split is no subset.
     assert subset_rows(np.arange(3), SubsetFirst(fraction=0.25), stratify=True) is None
 
@@ -72,8 +74,8 @@ def test_fewer_layers_than_the_top_are_all_scored_again() -> None:
     assert to_rescore(scores, SubsetFirst(top=5)) == ["x", "y"]
 
 
-@pytest.mark.parametrize("field, value", [("fraction", 0.0), ("fraction", 1.5), ("top", 0), ("resolve_points", -1.0),
-                                          ("confidence", 1.0)])  # fmt: skip
+@pytest.mark.parametrize("field, value", [("fraction", 0.0), ("fraction", 1.5), ("top", 0), ("max_samples", 0),
+                                          ("resolve_points", -1.0), ("confidence", 1.0)])  # fmt: skip
 def test_bad_settings_name_the_field(field: str, value: float) -> None:
     with pytest.raises(ConfigError, match=field):
         SubsetFirst(**{field: value})
