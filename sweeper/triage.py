@@ -57,7 +57,8 @@ class SubsetFirst:
             the most layers its exclusion search can leave in float).
         resolve_points: a layer whose subset drop is above this, with ``confidence``, is not
             re-scored (the study's ``max_drop``).
-        confidence: of the drop intervals and the output errors' bootstrap intervals.
+        confidence: of the drop intervals (the output errors' bootstrap intervals, computed in
+            the scoring tasks, are at 95 %).
     """
 
     fraction: float = 0.25
