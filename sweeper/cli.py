@@ -23,12 +23,14 @@ from sweeper.export import export_trial
 from sweeper.location import is_uri, location
 from sweeper.progress import SweepProgress
 from sweeper.report import write_report
-from sweeper.sensitivity import output_path, run_sensitivity, write_table
+from sweeper.sensitivity import run_sensitivity
+from sweeper.sensitivity_table import output_path, write_table
 from sweeper.signals import SweepInterrupted
 from sweeper.space import check_constraint, load_space
 from sweeper.spec import TaskRef
 from sweeper.study import SweepOptions, run_sweep
 from sweeper.task import check_task_file, find_task_file, load_task, task_search_dirs
+from sweeper.triage import SubsetFirst
 
 app = typer.Typer(
     help="Find the fastest deployable form of a trained model within an accuracy budget.",
@@ -235,6 +237,10 @@ def sensitivity(
         "a resumed sweep read; any other folder: OUT/TASK-BACKEND-sensitivity.parquet")] = Path("results"),
     num_cpus: Annotated[int, typer.Option(min=1, help="CPUs (and threads) per Ray task")] = 1,
     chunk_size: Annotated[int, typer.Option(min=1, help="layers scored per Ray task")] = 2,
+    subset_fraction: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of the evaluation split every "
+        "layer is scored on first; 1: every layer on the whole split")] = 0.25,
+    confirm_top: Annotated[int, typer.Option(min=1, help="the most sensitive layers that get whole-split figures "
+        "(with those the subset cannot place, see sweeper.triage)")] = 16,
     address: Annotated[str | None, typer.Option(help="Ray cluster to join; default: embedded local Ray")] = None,
     debug: Annotated[bool, typer.Option(help="show tracebacks and Ray worker logs")] = False,
 ) -> None:
@@ -253,7 +259,8 @@ def sensitivity(
             raise SweeperInputError(f"backend '{backend}' cannot leave layers in float, so it has no layer sensitivity")
         get_backend(backend).config(params)
         path = output_path(out, task_path.stem, backend)
-        table = _score_layers(task_path, backend, params, num_cpus, chunk_size, address, debug)
+        subset = SubsetFirst(fraction=subset_fraction, top=confirm_top) if subset_fraction < 1 else None
+        table = _score_layers(task_path, backend, params, num_cpus, chunk_size, subset, address, debug)
         write_table(table, path)
     except (SweeperInputError, OSError) as exc:
         raise _fail(exc, debug) from None
@@ -272,10 +279,13 @@ def sensitivity(
     full = (f"drop {first.full_metric_drop:.2f}, output error {first.full_output_error:.2e}"
             if first.full_output_error == first.full_output_error else "failed to build")
     console.print(Text(f"{views.plural(len(table), 'layer')}; everything quantized: {full}. Table: {path}"))
+    if table["subset_samples"].notna().any():
+        console.print(Text(f"Scored on {int(table['subset_samples'].max())} samples first; "
+                           f"{int(table['rescored'].sum())} layers again on all {int(table['eval_samples'].max())}."))
 
 
 def _score_layers(task_path: Path, backend: str, params: dict[str, Any], num_cpus: int, chunk_size: int,
-                  address: str | None, debug: bool) -> Any:
+                  subset: SubsetFirst | None, address: str | None, debug: bool) -> Any:
     """Run the sensitivity Ray tasks with a progress bar; a failure inside a task is one message."""
     import ray
     from rich.progress import Progress
@@ -288,7 +298,8 @@ def _score_layers(task_path: Path, backend: str, params: dict[str, Any], num_cpu
             bar = progress.add_task(escape(f"sensitivity {backend}"), total=None)
             return run_sensitivity(
                 task_ref, backend, params, ray_options={"num_cpus": num_cpus}, num_threads=num_cpus,
-                chunk_size=chunk_size, on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
+                chunk_size=chunk_size, subset=subset,
+                on_progress=lambda done, total: progress.update(bar, completed=done, total=total),
             )
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, BaseException) else exc

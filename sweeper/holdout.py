@@ -26,7 +26,7 @@ SPLITS = ("held_out", "task", "evaluation")
 def trial_part(task: Task, batch_size: int) -> np.ndarray | None:
     """The trial part of a task's evaluation split (:func:`trial_indices` of its labels)."""
     labels = np.concatenate([y for _, y in task.eval_batches(batch_size)])
-    return trial_indices(task, labels)
+    return trial_indices(labels, task.has_confirmation_split)
 
 
 def select_batches(

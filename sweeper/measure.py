@@ -49,8 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from sweeper.spec import LatencyStats, MeasureSettings
-from sweeper.task import Batch, Task
+from sweeper.spec import Batch, LatencyStats, MeasureSettings
 
 DropMode = Literal["absolute", "relative"]
 
@@ -157,9 +156,10 @@ class EvalData:
         return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     @classmethod
-    def load(cls, task: Task, batch_size: int) -> EvalData:
+    def of(cls, labeled_batches: Iterable[tuple[Batch, np.ndarray]]) -> EvalData:
+        """The split a task's ``eval_batches`` (or ``confirm_batches``) yields, kept in memory."""
         batches, labels = [], []
-        for batch, y in task.eval_batches(batch_size):
+        for batch, y in labeled_batches:
             batches.append(batch)
             labels.append(np.asarray(y))
         return cls(batches=batches, labels=np.concatenate(labels))
@@ -229,10 +229,10 @@ def held_out_indices(labels: np.ndarray, fraction: float = HELD_OUT_FRACTION, se
         chosen = np.sort(np.random.default_rng(seed).choice(n, size=wanted, replace=False))
     return chosen.astype(np.int64)
 
-def trial_indices(task: Task, labels: np.ndarray) -> np.ndarray | None:
+def trial_indices(labels: np.ndarray, own_confirmation_split: bool = False) -> np.ndarray | None:
     """The evaluation samples trials are scored on: all (``None``) when the task has a
     confirmation split of its own or the split is too small to hold a part out."""
-    if task.has_confirmation_split:
+    if own_confirmation_split:
         return None
     held = held_out_indices(labels)
     if not len(held):

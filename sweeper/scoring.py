@@ -16,8 +16,10 @@ import numpy as np
 
 from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, SweeperInputError
+from sweeper.measure import DropCounts
 from sweeper.spec import TaskRef
 from sweeper.task import load_task
+from sweeper.triage import output_error, output_error_interval
 from sweeper.worker import Baseline, build_context, evaluate, prepare_baseline, set_threads
 
 
@@ -30,20 +32,6 @@ def _exclusion_field(backend: str) -> str:
 
 # Error text kept per row.
 MAX_ERROR_CHARS = 600
-
-
-def output_error(reference: np.ndarray, outputs: np.ndarray) -> float:
-    """Normalised squared error of ``outputs`` against ``reference`` (0 is identical)."""
-    ref = reference.astype(np.float64)
-    denom = float(np.sum(ref * ref)) or 1.0
-    return float(np.sum((outputs.astype(np.float64) - ref) ** 2) / denom)
-
-
-def sqnr_db(error: float) -> float:
-    """Signal-to-quantization-noise ratio in dB from a normalised squared error."""
-    if math.isnan(error):
-        return math.nan
-    return math.inf if error <= 0 else -10.0 * math.log10(error)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -97,10 +85,65 @@ def _keep(baseline: Any) -> np.ndarray:
     return baseline.keep if baseline.keep is not None else np.arange(len(baseline.labels))
 
 
-def _score(baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int) -> tuple[float, float]:
+def _eval_inputs(task: Any, batch_size: int) -> dict[str, np.ndarray]:
+    """The evaluation split's inputs as whole arrays (kept per process by :func:`_split_inputs`;
+    :func:`_trial_inputs` takes the trial part's rows of them)."""
+    batches = [batch for batch, _ in task.eval_batches(batch_size)]
+    return {name: np.concatenate([np.asarray(b[name]) for b in batches]) for name in batches[0]}
+
+
+@functools.cache
+def _split_inputs(task_ref: TaskRef, batch_size: int) -> dict[str, np.ndarray]:
+    return _eval_inputs(_task_and_model(task_ref)[0], batch_size)
+
+
+def _trial_inputs(task_ref: TaskRef, batch_size: int, keep: np.ndarray) -> dict[str, np.ndarray]:
+    """The trial part's inputs: ``rows`` of :func:`_score` index them, as they index the FP32 outputs."""
+    return {name: value[keep] for name, value in _split_inputs(task_ref, batch_size).items()}
+
+
+def _predict_rows(predict: Any, inputs: dict[str, np.ndarray], rows: np.ndarray, batch_size: int) -> np.ndarray:
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        picked = rows[start : start + batch_size]
+        outputs.append(np.asarray(predict({k: v[picked] for k, v in inputs.items()}), dtype=np.float32))
+    return np.concatenate(outputs)
+
+
+def _score(
+    baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int,
+    rows: np.ndarray | None = None, inputs: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Build ``params`` and score it against FP32 on the evaluation split (the ``rows`` of it, whose
+    ``inputs`` are given): metric, output error with its bootstrap interval, the samples and, for a
+    top-1 task, the discordant counts."""
+    task = baseline.task
     candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
-    outputs, _ = evaluate(candidate.predict, baseline.task, eval_batch_size, _keep(baseline))
-    return baseline.task.metric(outputs, baseline.labels), output_error(baseline.outputs, outputs)
+    if rows is None or inputs is None:
+        outputs, _ = evaluate(candidate.predict, task, eval_batch_size, _keep(baseline))
+        reference, labels = baseline.outputs, baseline.labels
+    else:
+        outputs = _predict_rows(candidate.predict, inputs, rows, eval_batch_size)
+        reference, labels = baseline.outputs[rows], baseline.labels[rows]
+    low, high = output_error_interval(reference, outputs)
+    ref64 = reference.astype(np.float64)
+    scored = {
+        "metric_fp32": task.metric(reference, labels), "metric": task.metric(outputs, labels),
+        "output_error": output_error(reference, outputs), "output_error_low": low, "output_error_high": high,
+        "samples": len(labels), "worse": None, "better": None, "correct": None,
+        # Sums that add up over disjoint samples (see sweeper.sensitivity.merge_scores).
+        "noise": float(np.sum((outputs.astype(np.float64) - ref64) ** 2)), "signal": float(np.sum(ref64 * ref64)),
+    }  # fmt: skip
+    fp32_correct = task.correct(reference, labels)
+    if fp32_correct is not None:
+        correct = task.correct(outputs, labels)
+        counts = DropCounts.from_predictions(fp32_correct, correct)
+        scored |= {"worse": counts.worse, "better": counts.better, "correct": int(np.sum(correct))}
+    return scored
+
+
+def _failed(layer: str, exc: BaseException) -> dict[str, Any]:
+    return {"layer": layer, "metric": math.nan, "output_error": math.nan, "error": describe_error(exc)}
 
 
 def list_layers(
@@ -115,9 +158,8 @@ def list_layers(
         units, names = impl.exclusion_units(ctx, impl.config(params))
         full_failure = None
         try:
-            full_metric, full_error = _score(
-                baseline, ctx, backend, {**params, field: ()}, eval_batch_size
-            )
+            full = _score(baseline, ctx, backend, {**params, field: ()}, eval_batch_size)
+            full_metric, full_error = full["metric"], full["output_error"]
         except SweeperInputError:
             raise  # a config or task problem (too many calibration samples, say) fails every layer alike
         except Exception as exc:  # recorded; each unit is still scored on its own
@@ -127,6 +169,7 @@ def list_layers(
         "names": list(names),
         "metric_fp32": baseline.metric,
         "higher_is_better": baseline.task.higher_is_better,
+        "top1": baseline.task.correct(baseline.outputs, baseline.labels) is not None,
         "full_metric": full_metric,
         "full_error": full_error,
         "full_failure": full_failure,
@@ -143,22 +186,23 @@ def score_layers(
     eval_batch_size: int,
     num_threads: int,
     reference: dict[str, Any] | None = None,
+    rows: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Quantize each of ``units`` alone (every other name of ``names`` excluded) and score it (a
-    Ray task body). A unit that raises gets NaN scores and its ``error``. ``reference``:
-    :func:`list_layers`'s, so that the FP32 model is not evaluated again here."""
+    Ray task body) on the evaluation split, or on its ``rows`` only. A unit that raises gets NaN
+    scores and its ``error``. ``reference``: :func:`list_layers`'s, so that the FP32 model is not
+    evaluated again here."""
     field = _exclusion_field(backend)
     scored = []
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
         baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
+        inputs = None if rows is None else _trial_inputs(task_ref, eval_batch_size, _keep(baseline))
         for unit in units:
             members = set(unit["members"]) | {unit["name"]}
             others = tuple(n for n in names if n not in members)
             try:
-                metric, error = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size)
-                scored.append({"layer": unit["name"], "metric": metric, "output_error": error, "error": None})
+                figures = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size, rows, inputs)
+                scored.append({"layer": unit["name"], **figures, "error": None})
             except Exception as exc:  # one unit that cannot be scored never ends the ranking
-                scored.append(
-                    {"layer": unit["name"], "metric": math.nan, "output_error": math.nan, "error": describe_error(exc)}
-                )
+                scored.append(_failed(unit["name"], exc))
     return scored

@@ -3,21 +3,31 @@
 For a backend that can leave layers in float (``Backend.exclusion_field``), the layers are its
 exclusion units (:meth:`~sweeper.backends.Backend.exclusion_units`; for the ONNX backends a layer
 with weights together with its activation, see :mod:`sweeper.backends.onnx.layers`). Each unit is
-scored by quantizing *only that unit* (every other quantizable node excluded) and comparing the
-model's outputs on the evaluation split with FP32: the task metric's drop, and the normalised
-output error ``||y - y_fp32||^2 / ||y_fp32||^2`` (also as SQNR in dB). Units are ranked by output
-error (the metric moves in coarse steps on small evaluation sets), most sensitive first.
+scored by quantizing *only that unit* (every other quantizable node excluded; calibration ranges
+are computed once and reused by every single-unit model) and comparing the model's outputs with
+FP32: the task metric's drop, and the normalised output error ``||y - y_fp32||^2 / ||y_fp32||^2``
+(also as SQNR in dB). Units are ranked by output error (the metric moves in coarse steps on small
+evaluation sets), most sensitive first.
+
+With a :class:`~sweeper.triage.SubsetFirst` (the CLI and a study pass one), every unit is first
+scored on a seeded subset of the evaluation split, and only the units whose place at the top of
+the ranking the subset leaves uncertain are scored on the whole split (see :mod:`sweeper.triage`):
+for a top-1 task on the rest of it, the counts and error sums of the two parts added up
+(:func:`~sweeper.sensitivity_table.merge_scores`); without a subset, every unit is scored on the
+whole split.
 
 A unit whose build or evaluation raises gets a row with its ``error``, ranks first (it is the one
 to leave in float) and the ranking goes on. One Ray task scores one chunk of units; each chunk's
-rows are written to Parquet as it arrives (atomically, in a ``.parts`` folder beside the cached
-table), so a rerun after an interruption scores only the units without a row. The finished table
-is cached per (task file, backend, config).
+scores are written to Parquet as they arrive (atomically, in a ``.parts`` folder beside the cached
+table: ``part-*`` for the first pass, ``full-*`` for the units scored again), so a rerun after an
+interruption scores only what has no row yet. The finished table (:mod:`sweeper.sensitivity_table`)
+is cached per (task file, backend, config, subset settings).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -32,35 +42,39 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sweeper import __version__, results
+from sweeper import __version__
 from sweeper.analysis import SENSITIVITY_FILE
 from sweeper.backends import get_backend
-from sweeper.errors import SensitivityError, SweeperInputError
+from sweeper.errors import SensitivityError
 from sweeper.events import EventHandler, SensitivityProgress
 from sweeper.exclusion import check_against_ranking
 from sweeper.location import StudyPath, cache_dir, cache_key
-from sweeper.measure import accuracy_drop
-from sweeper.scoring import describe_error, list_layers, score_layers, sqnr_db
+from sweeper.measure import DropCounts
+from sweeper.scoring import describe_error, list_layers, score_layers
+from sweeper.sensitivity_table import SCORE_COLUMNS, merge_scores, rank_table, ranking, table_rows
 from sweeper.space import Space
-from sweeper.spec import StudyInfo, TaskRef
+from sweeper.spec import TaskRef
+from sweeper.triage import SubsetFirst, SubsetScore, subset_rows, to_rescore
 
 if TYPE_CHECKING:
     import pandas as pd
 
-COLUMNS = ["task", "backend", "params_json", "layer", "module", "op_type", "members", "metric_fp32", "metric",
-           "metric_drop", "output_error", "sqnr_db", "error", "rank", "full_metric_drop", "full_output_error"]
+# A deep exclusion ladder (top_k up to 40, say) needs the order of its first layers most: past these,
+# each layer costs little alone and the subset's order stands (see sweeper.triage).
+STUDY_CONFIRM_TOP = 16
 # Bump when what a layer is or what it is scored on changes, so cached tables of the old kind are
-# not read back (3: scored on the trial part of the evaluation split, the held-out part unseen).
-LAYOUT = 3
+# not read back (4: scored subset-first, on the trial part of the evaluation split only).
+LAYOUT = 4
 
 
-def cache_path(task_ref: TaskRef, backend: str, params: dict[str, Any]) -> Path:
-    """Where the table for this (task file, backend, config) is cached."""
+def cache_path(task_ref: TaskRef, backend: str, params: dict[str, Any], subset: SubsetFirst | None = None) -> Path:
+    """Where the table for this (task file, backend, config, subset settings) is cached."""
     task_hash = (
         hashlib.sha256(Path(task_ref.path).read_bytes()).hexdigest() if Path(task_ref.path).is_file() else task_ref.path
     )
     key = cache_key(
-        task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__, layout=LAYOUT
+        task=task_ref.name, task_file=task_hash, backend=backend, params=params, version=__version__, layout=LAYOUT,
+        subset=None if subset is None else dataclasses.asdict(subset),
     )
     return cache_dir("sensitivity") / f"{task_ref.name}-{backend}-{key}.parquet"
 
@@ -70,11 +84,12 @@ def parts_dir(cached: Path) -> Path:
     return cached.with_suffix(".parts")
 
 
-def read_parts(parts: Path) -> pd.DataFrame | None:
-    """The rows scored so far for an unfinished table, or ``None`` when there are none."""
+def read_parts(parts: Path, prefix: str = "part") -> pd.DataFrame | None:
+    """The scores written so far for an unfinished table (``prefix``: ``part`` for the first pass,
+    ``full`` for the units scored again), or ``None`` when there are none."""
     import pandas as pd
 
-    files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
+    files = sorted(parts.glob(f"{prefix}-*.parquet")) if parts.is_dir() else []
     if not files:
         return None
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True).drop_duplicates("layer")
@@ -151,19 +166,23 @@ def run_sensitivity(
     eval_batch_size: int = 256,
     chunk_size: int = 2,
     on_progress: Callable[[int, int], None] | None = None,
+    subset: SubsetFirst | None = None,
 ) -> pd.DataFrame:
     """Rank the backend's exclusion units for ``params`` (cached); most sensitive first.
 
     Runs on the connected Ray cluster: one task lists the units, then one task per chunk of
-    ``chunk_size`` units scores them, ``ray_options`` placing each task. Rows already scored by
-    an interrupted run of the same (task, backend, config) are read back, not scored again.
+    ``chunk_size`` units scores them, ``ray_options`` placing each task. With ``subset``, every
+    unit is scored on a subset of the evaluation split first and the uncertain ones again on the
+    whole split (:mod:`sweeper.triage`); ``on_progress(done, total)`` then counts both passes.
+    Scores already written by an interrupted run of the same (task, backend, config, subset) are
+    read back, not scored again.
 
     Raises:
         SensitivityError: when the layers cannot be listed (the task or its export fails).
     """
     import pandas as pd
 
-    cached = cache_path(task_ref, backend, params)
+    cached = cache_path(task_ref, backend, params, subset)
     if cached.is_file():
         table = pd.read_parquet(cached)
         if on_progress:
@@ -171,44 +190,110 @@ def run_sensitivity(
         return table
     parts = parts_dir(cached)
     info = _listing(task_ref, backend, params, parts, ray_options, eval_batch_size, num_threads)
-    units = {u["name"]: u for u in info["units"]}
-    table_of = functools.partial(_rows, task_ref, backend, params, info)
-    earlier = read_parts(parts)
-    done = set() if earlier is None else set(earlier["layer"]) & set(units)
-    if on_progress:
-        on_progress(len(done), len(units))
-    todo = [u for name, u in units.items() if name not in done]
-    order = {name: i for i, name in enumerate(units)}
-    chunks = _scored_chunks(task_ref, backend, params, todo, info, ray_options, chunk_size, eval_batch_size,
-                            num_threads)  # fmt: skip
-    with contextlib.closing(chunks):  # stopping early cancels the chunks still running
-        for scored in chunks:
-            part = table_of(scored)
-            first = min(order[r["layer"]] for r in scored)
-            _write_atomically(parts / f"part-{first:05d}.parquet", functools.partial(part.to_parquet, index=False))
-            done.update(r["layer"] for r in scored)
-            if on_progress:
-                on_progress(len(done), len(units))
-    table = rank_table(read_parts(parts) if units else table_of([]), list(units))
+    units = [u["name"] for u in info["units"]]
+    scoring = _Scoring(task_ref, backend, params, info, parts, ray_options, chunk_size, eval_batch_size, num_threads,
+                       on_progress)  # fmt: skip
+    rows = None if subset is None else subset_rows(info["reference"]["labels"], subset, stratify=info["top1"])
+    first = scoring.run("part", units, rows, offset=0, total=len(units))
+    again = None
+    if subset is not None and rows is not None:
+        chosen = set(to_rescore(subset_scores(first, units, subset.confidence), subset))
+        names = [name for name in units if name in chosen]
+        # A top-1 task's scores add up over disjoint samples: the rest of the split completes the subset.
+        rest = np.setdiff1d(np.arange(len(info["reference"]["labels"])), rows) if info["top1"] else None
+        again = scoring.run("full", names, rest, offset=len(units), total=len(units) + len(names))
+        if rest is not None:
+            again = merge_scores(first, again)
+    confidence = 0.95 if subset is None else subset.confidence
+    table = rank_table(table_rows(task_ref, backend, params, info, first, again, confidence), units)
     _write_atomically(cached, lambda tmp: table.to_parquet(tmp, index=False))
     shutil.rmtree(parts, ignore_errors=True)
     return table
 
 
+def subset_scores(first: pd.DataFrame, units: list[str], confidence: float) -> list[SubsetScore]:
+    """What the first pass's scores say about each unit, in ``units`` order."""
+    by_layer = {r["layer"]: r for r in first.to_dict("records")}
+    scores = []
+    for name in units:
+        r = by_layer[name]
+        failed = isinstance(r["error"], str)
+        counts = None if failed or math.isnan(r["worse"]) else DropCounts(
+            n=int(r["samples"]), worse=int(r["worse"]), better=int(r["better"])
+        )
+        scores.append(SubsetScore(layer=name, output_error_low=r["output_error_low"],
+                                  output_error_high=r["output_error_high"], counts=counts, failed=failed))  # fmt: skip
+    return scores
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scoring:
+    """One sensitivity run's scoring passes: what every chunk's Ray task is given."""
+
+    task_ref: TaskRef
+    backend: str
+    params: dict[str, Any]
+    info: dict[str, Any]
+    parts: Path
+    ray_options: dict[str, Any]
+    chunk_size: int
+    eval_batch_size: int
+    num_threads: int
+    on_progress: Callable[[int, int], None] | None
+
+    def run(self, prefix: str, names: list[str], rows: np.ndarray | None, *, offset: int, total: int) -> pd.DataFrame:
+        """Score the units ``names`` (on the evaluation split's ``rows``, or all of it) that have no
+        ``prefix`` part yet; return every score of ``names`` written under ``prefix``."""
+
+        earlier = read_parts(self.parts, prefix)
+        done = set() if earlier is None else set(earlier["layer"]) & set(names)
+        self._progress(offset + len(done), total)
+        order = {name: i for i, name in enumerate(names)}
+        todo = [u for u in self.info["units"] if u["name"] in order and u["name"] not in done]
+        chunks = _scored_chunks(self, todo, rows)
+        with contextlib.closing(chunks):  # stopping early cancels the chunks still running
+            for scored in chunks:
+                part = _score_frame(scored)
+                first = min(order[r["layer"]] for r in scored)
+                path = self.parts / f"{prefix}-{first:05d}.parquet"
+                _write_atomically(path, functools.partial(part.to_parquet, index=False))
+                done.update(r["layer"] for r in scored)
+                self._progress(offset + len(done), total)
+        written = read_parts(self.parts, prefix)
+        if written is None:
+            return _score_frame([])
+        return written[written["layer"].isin(order)].reset_index(drop=True)
+
+    def _progress(self, done: int, total: int) -> None:
+        if self.on_progress:
+            self.on_progress(done, total)
+
+
+def _score_frame(scored: list[dict[str, Any]]) -> pd.DataFrame:
+    """Scores as a frame of :data:`SCORE_COLUMNS`, numbers as floats (a failed unit's are NaN)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(scored, columns=SCORE_COLUMNS)
+    numbers = [c for c in SCORE_COLUMNS if c not in ("layer", "error")]
+    frame[numbers] = frame[numbers].apply(pd.to_numeric, errors="coerce").astype("float64")
+    frame["error"] = frame["error"].astype(object).where(frame["error"].notna(), None)
+    return frame
+
+
 def _scored_chunks(
-    task_ref: TaskRef, backend: str, params: dict[str, Any], todo: list[dict[str, Any]], info: dict[str, Any],
-    ray_options: dict[str, Any], chunk_size: int, eval_batch_size: int, num_threads: int,
+    scoring: _Scoring, todo: list[dict[str, Any]], rows: np.ndarray | None
 ) -> Generator[list[dict[str, Any]], None, None]:
-    """Score ``todo`` in Ray tasks of ``chunk_size`` units; yield each chunk's scores as it arrives
-    (a chunk whose task died, even after retries, as NaN scores with the error)."""
+    """Score ``todo`` in Ray tasks of ``scoring.chunk_size`` units; yield each chunk's scores as it
+    arrives (a chunk whose task died, even after retries, as NaN scores with the error)."""
     import ray
 
-    remote = ray.remote(score_layers).options(**ray_options, max_retries=2)
-    reference = ray.put(info["reference"]) if todo else None  # sent once, not once per chunk
+    remote = ray.remote(score_layers).options(**scoring.ray_options, max_retries=2)
+    reference = ray.put(scoring.info["reference"]) if todo else None  # sent once, not once per chunk
     chunks = {}
-    for i in range(0, len(todo), chunk_size):
-        chunk = todo[i : i + chunk_size]
-        ref = remote.remote(task_ref, backend, params, chunk, info["names"], eval_batch_size, num_threads, reference)
+    for i in range(0, len(todo), scoring.chunk_size):
+        chunk = todo[i : i + scoring.chunk_size]
+        ref = remote.remote(scoring.task_ref, scoring.backend, scoring.params, chunk, scoring.info["names"],
+                            scoring.eval_batch_size, scoring.num_threads, reference, rows)  # fmt: skip
         chunks[ref] = chunk
     pending = list(chunks)
     try:
@@ -229,99 +314,6 @@ def _scored_chunks(
         for ref in pending:
             ray.cancel(ref)
         raise
-
-
-def _rows(
-    task_ref: TaskRef, backend: str, params: dict[str, Any], info: dict[str, Any], scored: list[dict[str, Any]]
-) -> pd.DataFrame:
-    """The table rows of ``scored`` units (``info``: what :func:`list_layers` returned)."""
-    import pandas as pd
-
-    units = {u["name"]: u for u in info["units"]}
-
-    def drop(metric: float) -> float:
-        return accuracy_drop(info["metric_fp32"], metric, higher_is_better=info["higher_is_better"])
-
-    return pd.DataFrame(
-        [
-            {
-                "task": task_ref.name,
-                "backend": backend,
-                "params_json": json.dumps(params, sort_keys=True, default=list),
-                "layer": r["layer"],
-                "module": units[r["layer"]]["module"],
-                "op_type": units[r["layer"]]["op_type"],
-                "members": list(units[r["layer"]]["members"]),
-                "metric_fp32": info["metric_fp32"],
-                "metric": r["metric"],
-                "metric_drop": drop(r["metric"]),
-                "output_error": r["output_error"],
-                "sqnr_db": sqnr_db(r["output_error"]),
-                "error": r["error"],
-                "full_metric_drop": drop(info["full_metric"]),
-                "full_output_error": info["full_error"],
-            }
-            for r in scored
-        ],
-        columns=[c for c in COLUMNS if c != "rank"],
-    )
-
-
-def rank_table(table: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:
-    """Sort ``table`` most sensitive first and number it: units that failed to score first, then
-    by output error, then metric drop, then model order."""
-    order = {name: i for i, name in enumerate(model_order)}
-    table = table.assign(_failed=table["error"].notna(), _order=table["layer"].map(order))
-    table = table.sort_values(
-        ["_failed", "output_error", "metric_drop", "_order"], ascending=[False, False, False, True], na_position="last"
-    )
-    table = table.drop(columns=["_failed", "_order"]).reset_index(drop=True)
-    table.insert(table.columns.get_loc("full_metric_drop"), "rank", range(1, len(table) + 1))
-    return table
-
-
-def ranking(table: pd.DataFrame) -> list[str]:
-    """Layer names, most sensitive first."""
-    return table.sort_values("rank")["layer"].tolist()
-
-
-def output_path(out: Path, task: str, backend: str) -> Path:
-    """Where ``sweeper sensitivity --out OUT`` writes the table.
-
-    A study folder (one holding ``trials/`` or ``study.json``) gets ``OUT/sensitivity.parquet``:
-    the file its report shows and a resumed sweep's exclusion search reads. Any other folder gets
-    ``OUT/TASK-BACKEND-sensitivity.parquet``.
-
-    Raises:
-        SweeperInputError: when ``out`` is a file, or a study of another task.
-    """
-    if out.exists() and not out.is_dir():
-        raise SweeperInputError(f"--out '{out}' is a file; give a folder (a study folder adds the table to its report)")
-    if results.trials_dir(out).is_dir() or (out / "study.json").is_file():
-        studied = StudyInfo.from_json(results.read_study_info(out) or {}).task
-        if studied not in (None, task):
-            raise SweeperInputError(
-                f"--out '{out}' is a study of task '{studied}', not '{task}'; give --task {studied}, "
-                "or another --out folder"
-            )
-        return out / SENSITIVITY_FILE
-    return out / f"{task}-{backend}-sensitivity.parquet"
-
-
-def write_table(table: pd.DataFrame, path: Path) -> None:
-    """Write ``table`` to ``path`` atomically, making its folder; a study's table keeps the rows of
-    the other backends and replaces this backend's."""
-    import pandas as pd
-
-    if path.name == SENSITIVITY_FILE and path.is_file():
-        kept = pd.read_parquet(path)
-        if "backend" in kept.columns:
-            kept = kept[~kept["backend"].isin(table["backend"].unique())]
-            table = pd.concat([kept, table], ignore_index=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(path)
 
 
 def study_rankings(
@@ -361,6 +353,7 @@ def study_rankings(
             num_threads=target.num_cpus,
             eval_batch_size=space.measure.eval_batch_size,
             on_progress=functools.partial(_report_progress, emit, backend),
+            subset=study_subset(space, search.candidates),
         )
         check_against_ranking(space.path, backend, search, ranking(table))
         tables.append(table)
@@ -374,3 +367,15 @@ def study_rankings(
 
 def _report_progress(emit: EventHandler, backend: str, done: int, total: int) -> None:
     emit(SensitivityProgress(backend=backend, done=done, total=total))
+
+
+def study_subset(space: Space, candidates: int) -> SubsetFirst:
+    """The subset-first settings of a study's ranking: whole-split figures for the layers that
+    could be among the ``candidates`` most sensitive its exclusion search can reach, at most
+    :data:`STUDY_CONFIRM_TOP` of them, and the budget as the drop that settles a layer (an absolute
+    ``max_drop``; the default otherwise)."""
+    top = max(1, min(candidates, STUDY_CONFIRM_TOP))
+    constraint = space.constraint
+    if constraint.mode == "absolute":
+        return SubsetFirst(top=top, resolve_points=constraint.max_drop)
+    return SubsetFirst(top=top)

@@ -17,12 +17,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # A trial's outcome as its row records it (Optuna's own TrialState is a different thing).
 Outcome = Literal["complete", "failed", "pruned"]
 
 # The libraries whose versions every row records (``<name>_version`` columns).
+# A batch of a task's inputs (input name -> array, batch first), and one with its labels.
+Batch = dict[str, np.ndarray]
+LabeledBatch = tuple[Batch, np.ndarray]
+
 VERSIONED_PACKAGES = ("torch", "onnxruntime", "optuna", "ray", "sweeper")
 
 

@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from sweeper.errors import TaskError, did_you_mean
+from sweeper.spec import Batch, LabeledBatch
 
 if TYPE_CHECKING:
     import torch
 
-Batch = dict[str, np.ndarray]
-LabeledBatch = tuple[Batch, np.ndarray]
 
 
 class Task(ABC):

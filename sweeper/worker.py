@@ -115,7 +115,7 @@ def evaluate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run ``predict`` over the task's evaluation split (only the samples ``keep`` lists, when
     given); return (outputs, labels)."""
-    data = EvalData.load(task, batch_size)
+    data = EvalData.of(task.eval_batches(batch_size))
     data = data if keep is None else data.select(keep)
     return predict_rows(predict, data), data.labels
 
@@ -130,8 +130,8 @@ def prepare_baseline(task_ref: TaskRef, eval_batch_size: int) -> Baseline:
     if not is_keras_model(model):
         model = model.eval()
     fp32 = fp32_candidate(model, task, torch.get_num_threads())
-    full = EvalData.load(task, eval_batch_size)
-    keep = trial_indices(task, full.labels)
+    full = EvalData.of(task.eval_batches(eval_batch_size))
+    keep = trial_indices(full.labels, task.has_confirmation_split)
     data = full if keep is None else full.select(keep)
     outputs = predict_rows(fp32.predict, data)
     return Baseline(

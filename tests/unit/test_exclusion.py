@@ -11,7 +11,7 @@ from sweeper.errors import ConfigError
 from sweeper.exclusion import suggest_excluded, warm_start_ladder
 from sweeper.params import Choices, Fixed, Range
 from sweeper.sampling import suggest
-from sweeper.scoring import output_error, sqnr_db
+from sweeper.triage import output_error, sqnr_db
 from sweeper.space import load_space
 
 BASE = "task: digits_cnn\nconstraint: {max_drop: 1.0}\nbackends:\n"

@@ -10,7 +10,7 @@ from synthetic_study import STATIC, make_study
 
 from sweeper import analysis, results
 from sweeper.errors import SweeperInputError
-from sweeper.sensitivity import output_path, write_table
+from sweeper.sensitivity_table import output_path, write_table
 
 
 def _table(backend: str, layers: list[str]) -> pd.DataFrame:
