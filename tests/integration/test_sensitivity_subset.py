@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 BACKEND = "onnxruntime_static_int8"
 PARAMS = {"calibration_samples": 64}
-DIGITS_EVAL_SAMPLES = 360
+# The trial part of digits' 360 evaluation samples: the other 120 are held out for confirmation.
+DIGITS_EVAL_SAMPLES = 240
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_only_layers_the_subset_leaves_uncertain_are_scored_on_the_whole_split(
     assert len(table) == 5 and table["error"].isna().all()
     subset_n = int(table["subset_samples"].iloc[0])
     # Stratified: a quarter of each digit's samples, seeded.
-    assert (table["subset_samples"] == subset_n).all() and 80 <= subset_n <= 100
+    assert (table["subset_samples"] == subset_n).all() and 55 <= subset_n <= 65
     # The rule: with top=1, a layer is certain when its output error's upper bound is below the
     # largest lower bound (some other layer is surely more sensitive).
     cutoff = table["subset_output_error_low"].max()
