@@ -26,7 +26,7 @@ import numpy as np
 
 from sweeper.backends import Candidate, get_backend
 from sweeper.holdout import HeldOut, held_out, held_out_batches, predict_all
-from sweeper.measure import DropCounts, exclusive_timing, latency_stats, time_interleaved
+from sweeper.measure import DropCounts, exclusive_timing, latency_stats
 from sweeper.spec import (
     ConfirmResult,
     ConfirmSpec,
@@ -111,6 +111,7 @@ def baseline_summary(
         for backend, params in preflight:
             get_backend(backend).preflight(ctx, get_backend(backend).config(params))
     held = held_out_reference(task_ref, measure.eval_batch_size)
+    device = _usable(device) if baseline.runtime == "pytorch" else "cpu"
     return FP32Baseline(
         metric=baseline.metric,
         metric_name=baseline.task.metric_name,
@@ -122,7 +123,7 @@ def baseline_summary(
         environment=environment(),
         fingerprint=baseline.fingerprint,
         reference_latency_ms=_reference_latency(baseline, measure, num_threads, device),
-        reference_device=_usable(device) if baseline.runtime == "pytorch" else "cpu",
+        reference_device=device,
         confirm_split=held.split,
         confirm_samples=int(held.labels.shape[0]),
         confirm_metric=held.metric,
@@ -137,12 +138,12 @@ def _usable(device: str) -> str:
 
 
 def _reference_latency(baseline: Baseline, measure: MeasureSettings, num_threads: int, device: str) -> dict[str, float]:
-    """The FP32 model's latency on ``device`` (ms per call), timed under the machine's timing lock."""
-    device = _usable(device) if baseline.runtime == "pytorch" else "cpu"
+    """The FP32 model's latency on ``device`` (ms per call), timed alone under the machine's timing lock."""
     fp32 = fp32_candidate(baseline.model, baseline.task, num_threads, device)
     example = baseline.task.example_inputs(measure.batch_size)
     with exclusive_timing():
-        stats, _ = time_interleaved(lambda: fp32.predict(example), lambda: fp32.predict(example), measure)
+        (rounds,) = time_round_robin([lambda: fp32.predict(example)], measure)
+    stats = latency_stats(t for round_times in rounds for t in round_times)
     return {"p50": stats.p50, "p90": stats.p90, "p99": stats.p99, "mean": stats.mean}
 
 

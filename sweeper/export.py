@@ -43,12 +43,12 @@ NOT_METRICS = frozenset({
 })  # fmt: skip
 # The finalist's confirmed figures (see sweeper.confirmed), in config.json's "confirmed" (null when
 # the trial was not confirmed).
-CONFIRMED_COLUMNS = (
-    "confirmed_split", "confirmed_samples", "confirmed_accuracy_fp32", "confirmed_accuracy", "confirmed_accuracy_drop",
-    "confirmed_accuracy_drop_low", "confirmed_accuracy_drop_high", "confirmed_feasible", "confirmed_latency_ms_p50",
-    "confirmed_latency_ms_p90", "confirmed_latency_runs", "confirmed_rounds", "confirmed_baseline_latency_ms_p50",
-    "confirmed_speedup", "confirmed_rank", "confirmed_tie_group",
-)  # fmt: skip
+# (Every figure of sweeper.confirmed.CONFIRMED_COLUMNS but the confirmation's own bookkeeping.)
+CONFIRMED_BOOKKEEPING = frozenset({
+    "study", "trial_number", "confirmed_set", "confirmed_at", "confirmed_round_ms", "confirmed_source",
+    "confirmed_concurrent_timings", "confirmed_error", "confirmed_settings",
+})  # fmt: skip
+CONFIRMED_COLUMNS = tuple(name for name, _, _ in confirmed.CONFIRMED_COLUMNS if name not in CONFIRMED_BOOKKEEPING)
 INTEGER_CONFIRMED = frozenset(
     name for name, dtype, _ in confirmed.CONFIRMED_COLUMNS if pa.types.is_integer(dtype)
 )

@@ -16,7 +16,7 @@ import numpy as np
 
 from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, SweeperInputError
-from sweeper.measure import DropCounts
+from sweeper.measure import DropCounts, EvalData, predict_rows
 from sweeper.spec import TaskRef
 from sweeper.task import load_task
 from sweeper.triage import output_error, output_error_interval
@@ -85,45 +85,26 @@ def _keep(baseline: Any) -> np.ndarray:
     return baseline.keep if baseline.keep is not None else np.arange(len(baseline.labels))
 
 
-def _eval_inputs(task: Any, batch_size: int) -> dict[str, np.ndarray]:
-    """The evaluation split's inputs as whole arrays (kept per process by :func:`_split_inputs`;
-    :func:`_trial_inputs` takes the trial part's rows of them)."""
-    batches = [batch for batch, _ in task.eval_batches(batch_size)]
-    return {name: np.concatenate([np.asarray(b[name]) for b in batches]) for name in batches[0]}
-
-
 @functools.cache
-def _split_inputs(task_ref: TaskRef, batch_size: int) -> dict[str, np.ndarray]:
-    return _eval_inputs(_task_and_model(task_ref)[0], batch_size)
-
-
-def _trial_inputs(task_ref: TaskRef, batch_size: int, keep: np.ndarray) -> dict[str, np.ndarray]:
-    """The trial part's inputs: ``rows`` of :func:`_score` index them, as they index the FP32 outputs."""
-    return {name: value[keep] for name, value in _split_inputs(task_ref, batch_size).items()}
-
-
-def _predict_rows(predict: Any, inputs: dict[str, np.ndarray], rows: np.ndarray, batch_size: int) -> np.ndarray:
-    outputs = []
-    for start in range(0, len(rows), batch_size):
-        picked = rows[start : start + batch_size]
-        outputs.append(np.asarray(predict({k: v[picked] for k, v in inputs.items()}), dtype=np.float32))
-    return np.concatenate(outputs)
+def _eval_data(task_ref: TaskRef, batch_size: int) -> EvalData:
+    """The evaluation split in memory, once per process (:func:`_score` takes rows of its trial part)."""
+    return EvalData.of(_task_and_model(task_ref)[0].eval_batches(batch_size))
 
 
 def _score(
     baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int,
-    rows: np.ndarray | None = None, inputs: dict[str, np.ndarray] | None = None,
+    rows: np.ndarray | None = None, data: EvalData | None = None,
 ) -> dict[str, Any]:
-    """Build ``params`` and score it against FP32 on the evaluation split (the ``rows`` of it, whose
-    ``inputs`` are given): metric, output error with its bootstrap interval, the samples and, for a
-    top-1 task, the discordant counts."""
+    """Build ``params`` and score it against FP32 on the trial part of the evaluation split, or on
+    its sorted ``rows`` (indices into the trial part ``data``): metric, output error with its
+    bootstrap interval, the samples and, for a top-1 task, the discordant counts."""
     task = baseline.task
     candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
-    if rows is None or inputs is None:
+    if rows is None or data is None:
         outputs, _ = evaluate(candidate.predict, task, eval_batch_size, _keep(baseline))
         reference, labels = baseline.outputs, baseline.labels
     else:
-        outputs = _predict_rows(candidate.predict, inputs, rows, eval_batch_size)
+        outputs = predict_rows(candidate.predict, data, rows)
         reference, labels = baseline.outputs[rows], baseline.labels[rows]
     low, high = output_error_interval(reference, outputs)
     ref64 = reference.astype(np.float64)
@@ -196,12 +177,12 @@ def score_layers(
     scored = []
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
         baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
-        inputs = None if rows is None else _trial_inputs(task_ref, eval_batch_size, _keep(baseline))
+        data = None if rows is None else _eval_data(task_ref, eval_batch_size).select(_keep(baseline))
         for unit in units:
             members = set(unit["members"]) | {unit["name"]}
             others = tuple(n for n in names if n not in members)
             try:
-                figures = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size, rows, inputs)
+                figures = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size, rows, data)
                 scored.append({"layer": unit["name"], **figures, "error": None})
             except Exception as exc:  # one unit that cannot be scored never ends the ranking
                 scored.append(_failed(unit["name"], exc))

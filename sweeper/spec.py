@@ -200,7 +200,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class TrialResult:
     """What one trial measured. Failed trials carry ``error`` and whatever was measured before."""
