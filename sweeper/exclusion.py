@@ -23,6 +23,7 @@ when the sweep starts: one that matches no layer is a :class:`~sweeper.errors.Co
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -195,6 +196,78 @@ def warm_start_ladder(backend: str, search: ExclusionSearch) -> list[dict[str, A
             ladder.append(k)
         k *= 2
     return [{"backend": backend, f"{backend}.exclude_top_k": k} for k in dict.fromkeys(ladder)]
+
+
+def revert_step(search: ExclusionSearch, tried: dict[int, bool], pending: set[int]) -> int | None:
+    """The next ``top_k`` of the "revert until feasible" search, or ``None`` when it is done.
+
+    NNCF's accuracy control reverts the most sensitive layer to float, re-evaluates, and repeats
+    until the model is within budget: one evaluation per reverted layer. On a ranking this is the
+    smallest feasible ``k``, which a bisection finds in ``log2(high)`` trials: between the largest
+    ``k`` known to miss the budget and the smallest known to meet it, try the middle. With no
+    feasible ``k`` yet, it tries ``high`` (every layer the search may revert).
+
+    Args:
+        search: the backend's exclusion search (a ``top_k`` range; anything else: ``None``).
+        tried: ``k`` -> whether any trial with that ``k`` was feasible.
+        pending: the ``k`` of trials still running; a step that would repeat one waits for it.
+    """
+    if not isinstance(search.top_k, Range):
+        return None
+    high = int(search.top_k.high)
+    feasible = [k for k, ok in tried.items() if ok]
+    if not feasible:
+        step = high
+    else:
+        smallest = min(feasible)
+        missed = [k for k, ok in tried.items() if not ok and k < smallest]
+        largest_missed = max(missed) if missed else int(search.top_k.low) - 1
+        if smallest - largest_missed <= 1:
+            return None
+        step = (smallest + largest_missed) // 2
+    return None if step in tried or step in pending else step
+
+
+def revert_trials(trials: Iterable[Any], rows: Iterable[dict[str, Any]],
+                  exclusions: dict[str, ExclusionSearch]) -> list[dict[str, Any]]:
+    """Trials to enqueue for the next "revert until feasible" step of each backend (see
+    :func:`revert_step`), once the queue is empty (the ladder of :func:`warm_start_ladder` ran).
+
+    Args:
+        trials: the Optuna study's trials (``number``, ``state``, ``params``).
+        rows: the study's rows (``trial_number``, ``state``, ``feasible``).
+        exclusions: the space's exclusion searches by backend.
+
+    Each step copies the parameters of the trial it refines (the feasible one with the smallest
+    ``k``, or the one with the largest ``k``) and changes only ``k``.
+    """
+    trials = list(trials)
+    if any(t.state.name == "WAITING" for t in trials):
+        return []
+    feasible = {r["trial_number"]: bool(r["feasible"]) for r in rows if r.get("state") in ("complete", "pruned")}
+    steps = []
+    for backend, search in exclusions.items():
+        label = f"{backend}.exclude_top_k"
+        tried: dict[int, bool] = {}
+        pending: set[int] = set()
+        base: dict[int, dict[str, Any]] = {}
+        for t in trials:
+            k = t.params.get(label)
+            if k is None:
+                continue
+            if t.state.name == "RUNNING":
+                pending.add(k)
+            elif t.number in feasible:
+                tried[k] = tried.get(k, False) or feasible[t.number]
+                if feasible[t.number] or k not in base:
+                    base[k] = dict(t.params)
+        step = revert_step(search, tried, pending)
+        if step is None or not base:
+            continue
+        feasible_ks = [k for k, ok in tried.items() if ok]
+        params = base[min(feasible_ks) if feasible_ks else max(base)]
+        steps.append({**params, label: step})
+    return steps
 
 
 def check_against_ranking(path: Path, backend: str, search: ExclusionSearch, ranked: list[str]) -> None:

@@ -19,7 +19,7 @@ from sweeper.cluster import check_address, cluster_cpus, connect, worker_launch
 from sweeper.dispatch import Dispatcher
 from sweeper.errors import ConfigError, SweeperInputError
 from sweeper.events import EventHandler, SweepPhase, SweepStarted, TrialFinished, TrialRecovered, TrialStarted, ignore
-from sweeper.exclusion import warm_start_ladder
+from sweeper.exclusion import revert_trials, warm_start_ladder
 from sweeper.finalists import confirm
 from sweeper.location import StudyPath
 from sweeper.measure import accuracy_drop
@@ -318,6 +318,9 @@ def run_trials(study: Any, run: RunningStudy, remaining: int, max_concurrent: in
                 written += 1
                 for waiting in measured.finished(key, row):
                     run.tell(study, waiting, row)
+                for params in revert_trials(study.get_trials(deepcopy=False), existing_rows(run.study_dir),
+                                            run.space.exclusions):
+                    study.enqueue_trial(params, skip_if_exists=False)
         if stop.raised:
             _stop(study, run, dispatcher, stop, measured)
     except BaseException:

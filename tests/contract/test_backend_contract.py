@@ -265,6 +265,31 @@ def test_static_nodes_to_exclude_stay_in_float(shared_cache_dir: Path, tmp_path:
     assert ops.count("Conv") == 1 and ops.count("QLinearConv") == 2
 
 
+@pytest.mark.parametrize("disabled", [True, False])
+def test_a_qdq_layer_left_in_float_keeps_float_weights_in_the_session(
+    disabled: bool, shared_cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORT's WeightBiasQuantization quantizes an excluded Conv's weights per tensor when a session
+    opens (its input comes from a DequantizeLinear); the sessions this package opens keep them in
+    float. ``disabled=False`` shows the optimization does it when left on."""
+    import onnx
+
+    from sweeper.backends.onnx import runtime
+    from sweeper.backends.onnx.export import export_onnx
+
+    if not disabled:
+        monkeypatch.setattr(runtime, "DISABLED_OPTIMIZERS", ())
+    backend = get_backend("onnxruntime_static_int8")
+    ctx = _context(_reference("digits"), shared_cache_dir, tmp_path)
+    nodes = backend.quantizable_nodes(export_onnx(ctx, opset=17, exporter="torchscript"))
+    convs = [name for name, op in nodes if op == "Conv"]
+    candidate = backend.build(ctx, backend.Config(per_channel=True, nodes_to_exclude=(convs[1],)))
+    runtime.make_session(candidate.path, 1, optimized_to=tmp_path / "optimized.onnx")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    # The two quantized Convs run as QLinearConv; the excluded one too when its weights were quantized.
+    assert ops.count("QLinearConv") == (2 if disabled else 3), ops
+
+
 @pytest.mark.parametrize("name", ["onnxruntime_static_int8", "onnxruntime_dynamic_int8"])
 def test_unknown_nodes_to_exclude_are_rejected_with_the_quantizable_ones(
     name: str, shared_cache_dir: Path, tmp_path: Path

@@ -102,6 +102,48 @@ def test_warm_start_ladder() -> None:
     assert warm_start_ladder("b", ExclusionSearch(top_k=Fixed(2), per_layer=2)) == []
 
 
+def test_revert_step_bisects_to_the_smallest_feasible_k() -> None:
+    from sweeper.exclusion import ExclusionSearch, revert_step
+
+    search = ExclusionSearch(top_k=Range(low=0, high=40, integer=True), per_layer=0)
+    # The ladder 0..32 met the budget only at 32: try 24, then (feasible at k >= 20, say) 20, 18, 19.
+    smallest_feasible = 19
+    tried = {k: k >= smallest_feasible for k in (0, 1, 2, 4, 8, 16, 32)}
+    steps = []
+    while (k := revert_step(search, tried, set())) is not None:
+        steps.append(k)
+        tried[k] = k >= smallest_feasible
+    assert steps == [24, 20, 18, 19]
+    assert min(k for k, ok in tried.items() if ok) == smallest_feasible
+    # Nothing feasible on the ladder: every layer the search may revert; then nothing more.
+    assert revert_step(search, {0: False, 32: False}, set()) == 40
+    assert revert_step(search, {0: False, 32: False, 40: False}, set()) is None
+    # A step equal to a running trial's k waits for it; k=0 feasible needs nothing.
+    assert revert_step(search, {16: False, 32: True}, {24}) is None
+    assert revert_step(search, {0: True}, set()) is None
+    assert revert_step(ExclusionSearch(top_k=Choices((0, 4)), per_layer=0), {0: False}, set()) is None
+
+
+def test_revert_trials_refine_the_feasible_trial_once_the_queue_is_empty() -> None:
+    from types import SimpleNamespace
+
+    from sweeper.exclusion import ExclusionSearch, revert_trials
+
+    def trial(number: int, k: int, state: str = "COMPLETE", method: str = "minmax") -> SimpleNamespace:
+        params = {"backend": "b", "b.exclude_top_k": k, "b.calibration_method": method}
+        return SimpleNamespace(number=number, state=SimpleNamespace(name=state), params=params)
+
+    search = {"b": ExclusionSearch(top_k=Range(low=0, high=8, integer=True), per_layer=0)}
+    trials = [trial(0, 0), trial(1, 4, method="entropy"), trial(2, 8, method="percentile")]
+    rows = [{"trial_number": 0, "state": "complete", "feasible": False},
+            {"trial_number": 1, "state": "pruned", "feasible": False},
+            {"trial_number": 2, "state": "complete", "feasible": True}]
+    (step,) = revert_trials(trials, rows, search)
+    assert step == {"backend": "b", "b.exclude_top_k": 6, "b.calibration_method": "percentile"}
+    assert revert_trials([*trials, trial(3, 6, state="WAITING")], rows, search) == []
+    assert revert_trials([*trials, trial(3, 6, state="RUNNING")], rows, search) == []
+
+
 def test_suggest_fills_the_exclusion_field(tmp_path: Path) -> None:
     space = load_space(_space(tmp_path, "onnxruntime_static_int8: {exclude: {top_k: {low: 1, high: 2}}}\n"))
     study = optuna.create_study()
