@@ -200,6 +200,22 @@ def test_prime_sample_count_gives_batches_of_one() -> None:
     assert len(out) == 37 and all(b["input"].shape == (1, 2) for b in out)
 
 
+def test_calibration_reader_hands_ort_one_stride_at_a_time() -> None:
+    # ORT's CalibStridedMinMax: len() batches, then set_range(i, i + 1) and get_next until None.
+    from sweeper.backends.onnxruntime_static_int8 import CALIBRATION_OPTIONS, CalibrationReader
+
+    data = np.arange(96, dtype=np.float32)
+    reader = CalibrationReader(iter([{"input": data[:50]}, {"input": data[50:]}]), 96)
+    assert len(reader) == 3 and CALIBRATION_OPTIONS["CalibStridedMinMax"] == 1
+    seen = []
+    for start in range(len(reader)):
+        reader.set_range(start_index=start, end_index=start + 1)
+        while (batch := reader.get_next()) is not None:
+            seen.append(batch["input"])
+    assert [len(b) for b in seen] == [32, 32, 32]
+    np.testing.assert_array_equal(np.concatenate(seen), data)
+
+
 def test_unknown_node_to_exclude_lists_quantizable_nodes() -> None:
     quantizable = [("/conv1/Conv", "Conv"), ("/fc/Gemm", "Gemm")]
     check_nodes_to_exclude(("/fc/Gemm",), quantizable, "task 't'")
