@@ -20,7 +20,7 @@ from sweeper.measure import DropCounts, EvalData, predict_rows
 from sweeper.spec import TaskRef
 from sweeper.task import load_task
 from sweeper.triage import output_error, output_error_interval
-from sweeper.worker import Baseline, build_context, evaluate, prepare_baseline, set_threads
+from sweeper.worker import Baseline, build_context, prepare_baseline, set_threads
 
 
 def _exclusion_field(backend: str) -> str:
@@ -91,21 +91,25 @@ def _eval_data(task_ref: TaskRef, batch_size: int) -> EvalData:
     return EvalData.of(_task_and_model(task_ref)[0].eval_batches(batch_size))
 
 
+def _trial_data(task_ref: TaskRef, baseline: Baseline | _Reference, batch_size: int) -> EvalData:
+    """The trial part of the evaluation split in memory: the baseline's own, or read once per process."""
+    if isinstance(baseline, Baseline):
+        return baseline.data
+    return _eval_data(task_ref, batch_size).select(_keep(baseline))
+
+
 def _score(
-    baseline: Any, ctx: Any, backend: str, params: dict[str, Any], eval_batch_size: int,
-    rows: np.ndarray | None = None, data: EvalData | None = None,
+    baseline: Any, ctx: Any, backend: str, params: dict[str, Any], data: EvalData, rows: np.ndarray | None = None
 ) -> dict[str, Any]:
-    """Build ``params`` and score it against FP32 on the trial part of the evaluation split, or on
-    its sorted ``rows`` (indices into the trial part ``data``): metric, output error with its
-    bootstrap interval, the samples and, for a top-1 task, the discordant counts."""
+    """Build ``params`` and score it against FP32 on the trial part of the evaluation split
+    (``data``), or on its sorted ``rows``: metric, output error with its bootstrap interval, the
+    samples and, for a top-1 task, the discordant counts."""
     task = baseline.task
     candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
-    if rows is None or data is None:
-        outputs, _ = evaluate(candidate.predict, task, eval_batch_size, _keep(baseline))
-        reference, labels = baseline.outputs, baseline.labels
-    else:
-        outputs = predict_rows(candidate.predict, data, rows)
-        reference, labels = baseline.outputs[rows], baseline.labels[rows]
+    outputs = predict_rows(candidate.predict, data, rows)
+    reference, labels = baseline.outputs, baseline.labels
+    if rows is not None:
+        reference, labels = reference[rows], labels[rows]
     low, high = output_error_interval(reference, outputs)
     ref64 = reference.astype(np.float64)
     scored = {
@@ -139,7 +143,8 @@ def list_layers(
         units, names = impl.exclusion_units(ctx, impl.config(params))
         full_failure = None
         try:
-            full = _score(baseline, ctx, backend, {**params, field: ()}, eval_batch_size)
+            data = _trial_data(task_ref, baseline, eval_batch_size)
+            full = _score(baseline, ctx, backend, {**params, field: ()}, data)
             full_metric, full_error = full["metric"], full["output_error"]
         except SweeperInputError:
             raise  # a config or task problem (too many calibration samples, say) fails every layer alike
@@ -177,12 +182,12 @@ def score_layers(
     scored = []
     with tempfile.TemporaryDirectory(prefix="sweeper-sensitivity-") as workdir:
         baseline, ctx = _context(task_ref, eval_batch_size, num_threads, workdir, reference)
-        data = None if rows is None else _eval_data(task_ref, eval_batch_size).select(_keep(baseline))
+        data = _trial_data(task_ref, baseline, eval_batch_size)
         for unit in units:
             members = set(unit["members"]) | {unit["name"]}
             others = tuple(n for n in names if n not in members)
             try:
-                figures = _score(baseline, ctx, backend, {**params, field: others}, eval_batch_size, rows, data)
+                figures = _score(baseline, ctx, backend, {**params, field: others}, data, rows)
                 scored.append({"layer": unit["name"], **figures, "error": None})
             except Exception as exc:  # one unit that cannot be scored never ends the ranking
                 scored.append(_failed(unit["name"], exc))
