@@ -235,22 +235,25 @@ def revert_trials(trials: Iterable[Any], rows: Iterable[dict[str, Any]],
 
     Args:
         trials: the Optuna study's trials (``number``, ``state``, ``params``).
-        rows: the study's rows (``trial_number``, ``state``, ``feasible``).
+        rows: the study's rows (``trial_number``, ``state``, ``feasible``, ``accuracy_drop``).
         exclusions: the space's exclusion searches by backend.
 
-    Each step copies the parameters of the trial it refines (the feasible one with the smallest
-    ``k``, or the one with the largest ``k``) and changes only ``k``.
+    Each step copies the parameters of the trial it refines and changes only ``k``: the feasible
+    trial with the smallest ``k``; with none feasible yet, the complete trial that came closest to
+    the budget (else the one with the largest ``k``).
     """
     trials = list(trials)
     if any(t.state.name == "WAITING" for t in trials):
         return []
-    feasible = {r["trial_number"]: bool(r["feasible"]) for r in rows if r.get("state") in ("complete", "pruned")}
+    rows = [r for r in rows if r.get("state") in ("complete", "pruned")]
+    feasible = {r["trial_number"]: bool(r["feasible"]) for r in rows}
+    drops = {r["trial_number"]: r["accuracy_drop"] for r in rows if r["state"] == "complete"}
     steps = []
     for backend, search in exclusions.items():
         label = f"{backend}.exclude_top_k"
         tried: dict[int, bool] = {}
         pending: set[int] = set()
-        base: dict[int, dict[str, Any]] = {}
+        finished = []
         for t in trials:
             k = t.params.get(label)
             if k is None:
@@ -259,14 +262,18 @@ def revert_trials(trials: Iterable[Any], rows: Iterable[dict[str, Any]],
                 pending.add(k)
             elif t.number in feasible:
                 tried[k] = tried.get(k, False) or feasible[t.number]
-                if feasible[t.number] or k not in base:
-                    base[k] = dict(t.params)
+                finished.append(t)
         step = revert_step(search, tried, pending)
-        if step is None or not base:
+        if step is None or not finished:
             continue
-        feasible_ks = [k for k, ok in tried.items() if ok]
-        params = base[min(feasible_ks) if feasible_ks else max(base)]
-        steps.append({**params, label: step})
+        if any(tried.values()):
+            smallest = min(k for k, ok in tried.items() if ok)
+            base = next(t for t in finished if feasible[t.number] and t.params[label] == smallest)
+        elif any(t.number in drops for t in finished):
+            base = min((t for t in finished if t.number in drops), key=lambda t: drops[t.number])
+        else:
+            base = max(finished, key=lambda t: t.params[label])
+        steps.append({**base.params, label: step})
     return steps
 
 

@@ -135,13 +135,22 @@ def test_revert_trials_refine_the_feasible_trial_once_the_queue_is_empty() -> No
 
     search = {"b": ExclusionSearch(top_k=Range(low=0, high=8, integer=True), per_layer=0)}
     trials = [trial(0, 0), trial(1, 4, method="entropy"), trial(2, 8, method="percentile")]
-    rows = [{"trial_number": 0, "state": "complete", "feasible": False},
-            {"trial_number": 1, "state": "pruned", "feasible": False},
-            {"trial_number": 2, "state": "complete", "feasible": True}]
+    rows = [{"trial_number": 0, "state": "complete", "feasible": False, "accuracy_drop": 9.0},
+            {"trial_number": 1, "state": "pruned", "feasible": False, "accuracy_drop": None},
+            {"trial_number": 2, "state": "complete", "feasible": True, "accuracy_drop": 0.5}]
     (step,) = revert_trials(trials, rows, search)
     assert step == {"backend": "b", "b.exclude_top_k": 6, "b.calibration_method": "percentile"}
-    assert revert_trials([*trials, trial(3, 6, state="WAITING")], rows, search) == []
-    assert revert_trials([*trials, trial(3, 6, state="RUNNING")], rows, search) == []
+    # Nothing feasible: k = high with the parameters of the trial closest to the budget.
+    rows[2] |= {"feasible": False, "accuracy_drop": 3.0}
+    trials.append(trial(3, 2, method="entropy"))
+    rows.append({"trial_number": 3, "state": "complete", "feasible": False, "accuracy_drop": 1.5})
+    assert revert_trials(trials[:3], rows, search) == []  # k = 8 = high was tried
+    search = {"b": ExclusionSearch(top_k=Range(low=0, high=10, integer=True), per_layer=0)}
+    (step,) = revert_trials(trials, rows, search)
+    assert step == {"backend": "b", "b.exclude_top_k": 10, "b.calibration_method": "entropy"}
+    # Nothing is asked while a trial waits in the queue, nor twice while one runs.
+    assert revert_trials([*trials, trial(4, 1, state="WAITING")], rows, search) == []
+    assert revert_trials([*trials, trial(4, 10, state="RUNNING")], rows, search) == []
 
 
 def test_suggest_fills_the_exclusion_field(tmp_path: Path) -> None:
