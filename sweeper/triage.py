@@ -3,7 +3,7 @@ enough, and which are scored again on the whole split.
 
 Scoring a layer means evaluating a model with only that layer quantized; on EfficientNet-Lite0
 the evaluation is nearly all the cost (building the single-layer model from cached calibration
-ranges takes a fraction of a second, evaluating 260 views several seconds). So every layer is
+ranges takes a fraction of a second, evaluating its 463 trial views several seconds). So every layer is
 first scored on a seeded random subset of the evaluation split (:func:`subset_rows`: stratified by
 label for a top-1 task, at least one sample of each label), and only the layers whose place in
 the ranking the subset leaves uncertain are scored on the whole split (:func:`to_rescore`).
