@@ -29,7 +29,6 @@ Prints one Markdown table and the cache ratio; writes ``<out>/<study>.md``, ``<s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import statistics
 import sys
@@ -118,7 +117,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         trials=args.trials or (8 if args.quick else 16), top_k=args.top_k or (4 if args.quick else 5),
         threads=args.threads, quick=args.quick, calibration_method=args.calibration_method,
         calibration_samples=min(args.calibration_samples, task.calibration_size), per_channel=args.per_channel,
-        measure=dataclasses.replace(QUICK if args.quick else FULL, batch_size=args.batch_size), cache_builds=args.cache_builds or 5,
+        measure=(QUICK if args.quick else FULL).model_copy(update={"batch_size": args.batch_size}), cache_builds=args.cache_builds or 5,
         max_concurrent=args.max_concurrent, out=args.out,
     )  # fmt: skip
 
