@@ -89,11 +89,25 @@ def test_a_worker_node_killed_mid_sweep_loses_nothing(cluster, write_space, tmp_
     measure = space.measure.model_copy(update={"min_time_s": 2.0})
     space = dataclasses.replace(space, file=space.file.model_copy(update={"measure": measure}))
     killed: list[str] = []
+    started: list[int] = []
 
     def kill_first_node_once_busy(event: Event) -> None:
-        if isinstance(event, TrialStarted) and event.trial_number == 3 and not killed:
+        if not isinstance(event, TrialStarted):
+            return
+        started.append(event.trial_number)
+        if len(started) == 3:  # the nodes' workers are warm by now
+
             def kill() -> None:
-                time.sleep(1.0)
+                # Kill the node while a trial holds its one "worker" slot (a trial holds it from
+                # its lease to its end, several seconds here), so that a trial dies with it.
+                from ray._private.state import available_resources_per_node
+
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    if available_resources_per_node().get(first.node_id, {}).get("worker", 0) < 1:
+                        break
+                    time.sleep(0.05)
+                time.sleep(1.0)  # into the trial's build and timing (its attempt is counted when it begins)
                 killed.append(first.node_id)
                 cluster.remove_node(first, allow_graceful=False)
 
