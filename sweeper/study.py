@@ -318,9 +318,10 @@ def run_trials(study: Any, run: RunningStudy, remaining: int, max_concurrent: in
                 written += 1
                 for waiting in measured.finished(key, row):
                     run.tell(study, waiting, row)
-                for params in revert_trials(study.get_trials(deepcopy=False), existing_rows(run.study_dir),
-                                            run.space.exclusions):
-                    study.enqueue_trial(params, skip_if_exists=False)
+                if run.space.exclusions:  # rows in memory: no re-reading of the study folder per trial
+                    trials = study.get_trials(deepcopy=False)
+                    for params in revert_trials(trials, measured.rows.values(), run.space.exclusions):
+                        study.enqueue_trial(params, skip_if_exists=False)
         if stop.raised:
             _stop(study, run, dispatcher, stop, measured)
     except BaseException:
