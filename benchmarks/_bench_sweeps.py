@@ -87,6 +87,7 @@ def timed_sweep(
     """
     import sys
 
+    from sweeper.events import Event, SweepStarted, TrialFinished
     from sweeper.space import load_space
     from sweeper.study import SweepOptions, run_sweep
 
@@ -96,13 +97,13 @@ def timed_sweep(
     space = load_space(space_file(folder, study, trials, measure))
     times: dict[str, Any] = {"finished": [], "durations": [], "failed": 0}
 
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "start":
+    def on_event(event: Event) -> None:
+        if isinstance(event, SweepStarted):
             times["start"] = time.perf_counter()
-        elif kind == "finished":
+        elif isinstance(event, TrialFinished):
             times["finished"].append(time.perf_counter())
-            times["durations"].append(float(data.get("duration_s") or 0.0))
-            times["failed"] += data.get("state") != "complete"
+            times["durations"].append(float(event.row.get("duration_s") or 0.0))
+            times["failed"] += event.row.get("state") != "complete"
 
     times["t0"] = time.perf_counter()
     options = SweepOptions(out=folder / "results", study=study, trials=trials, max_concurrent=max_concurrent)

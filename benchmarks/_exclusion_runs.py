@@ -41,6 +41,8 @@ class Settings:
     cache_builds: int
     max_concurrent: int
     out: Path
+    space: Path | None = None  # (d) runs this space file instead of the generated one
+    max_steps: int | None = None  # (b)'s revert loop stops after this many re-quantizations
 
     def int8_params(self, excluded: tuple[str, ...] = ()) -> dict[str, Any]:
         return {
@@ -57,6 +59,9 @@ class Outcome:
     candidate: Any = None  # something with .predict(batch)
     accuracy: float | None = None
     accuracy_drop: float | None = None
+    accuracy_held_out: float | None = None
+    accuracy_drop_held_out: float | None = None
+    held_out_samples: int | None = None
     excluded: list[str] = field(default_factory=list)
     evaluations: int | None = None
     evaluations_note: str = ""
@@ -131,14 +136,27 @@ class Builder:
         return get_backend(BACKEND).build(ctx, get_backend(BACKEND).config(params))
 
     def drop(self, candidate: Any) -> tuple[float, float]:
-        """(metric, drop against the PyTorch FP32 metric) on the whole evaluation split."""
-        from sweeper.measure import accuracy_drop
-        from sweeper.worker import evaluate
+        """(metric, drop against the PyTorch FP32 metric) on the trial part of the evaluation split:
+        the samples a sweep's trials are scored on (the whole split when nothing is held out)."""
+        from sweeper.measure import accuracy_drop, predict_rows
 
-        task = self.baseline.task
-        outputs, labels = evaluate(candidate.predict, task, self.settings.measure.eval_batch_size)
-        metric = task.metric(outputs, labels)
+        task, data = self.baseline.task, self.baseline.data
+        metric = task.metric(predict_rows(candidate.predict, data), data.labels)
         return metric, accuracy_drop(self.baseline.metric, metric, higher_is_better=task.higher_is_better)
+
+    def held_out_drop(self, candidate: Any) -> tuple[float, float, int]:
+        """(metric, drop against the PyTorch FP32 model, samples) on the held-out part of the
+        evaluation split, which no method's search scored (a sweep confirms its finalists on it)."""
+        from sweeper.confirmation import held_out_reference
+        from sweeper.holdout import held_out_batches, predict_all
+        from sweeper.measure import accuracy_drop
+
+        task, bs = self.baseline.task, self.settings.measure.eval_batch_size
+        reference = held_out_reference(self.settings.task_ref, bs)
+        outputs, labels = predict_all(candidate.predict, held_out_batches(task, self.baseline.keep, bs))
+        metric = task.metric(outputs, labels)
+        drop = accuracy_drop(reference.metric, metric, higher_is_better=task.higher_is_better)
+        return metric, drop, len(labels)
 
 
 def full_int8(builder: Builder, roots: CacheRoots) -> Outcome:
@@ -174,7 +192,7 @@ def greedy_revert(builder: Builder, roots: CacheRoots) -> tuple[Outcome, list[st
         drop = accuracy_drop(builder.baseline.metric, info["full_metric"],
                              higher_is_better=builder.baseline.task.higher_is_better)
         candidate, metric, steps = None, info["full_metric"], 0
-        while drop > s.budget and len(excluded) < len(ranking):
+        while drop > s.budget and len(excluded) < len(ranking) and (s.max_steps is None or steps < s.max_steps):
             excluded.append(ranking[len(excluded)])
             candidate = builder.build(s.int8_params(tuple(excluded)), root)
             metric, drop = builder.drop(candidate)
@@ -185,7 +203,8 @@ def greedy_revert(builder: Builder, roots: CacheRoots) -> tuple[Outcome, list[st
     outcome = Outcome(
         method="(b) greedy revert loop (sweeper sensitivity ranking)", candidate=candidate, accuracy=metric,
         accuracy_drop=drop, excluded=excluded, evaluations=1 + len(names) + steps,
-        evaluations_note=f"{1 + len(names) + steps} (1 full INT8 + {len(names)} ranking + {steps} loop)",
+        evaluations_note=f"{1 + len(names) + steps} (1 full INT8 + {len(names)} ranking + {steps} loop"
+        + (f", stopped at --max-steps {s.max_steps}" if drop > s.budget and steps == s.max_steps else "") + ")",
         wall_time_s=wall, setup_s=ranked_at - started,
     )  # fmt: skip
     return outcome, ranking
@@ -208,27 +227,44 @@ def rank(scored: list[dict[str, Any]], names: list[str], builder: Builder) -> li
 
 
 def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Path, study: str) -> Outcome:
-    """(d) ``run_sweep`` over calibration settings and ``exclude: top_k`` on an embedded Ray."""
+    """(d) ``run_sweep`` on an embedded Ray: over calibration settings and ``exclude: top_k`` of
+    ORT static INT8, or the space file ``--space`` names (then the model is the sweep's winner,
+    from its confirmed figures, whatever its backend)."""
     from sweeper import results
+    from sweeper.api import open_study
     from sweeper.backends.onnx.runtime import load_onnx_candidate
+    from sweeper.events import ConfirmationStarted, Event, SweepPhase, SweepStarted, TrialFinished
     from sweeper.space import load_space
     from sweeper.study import SweepOptions, run_sweep
 
     s = builder.settings
     top_k = min(s.top_k, n_layers)
-    space_path = write_space(scratch / "exclusion-sweep.yaml", s, builder.baseline.task.calibration_size, top_k)
+    if s.space is None:
+        written = write_space(scratch / "exclusion-sweep.yaml", s, builder.baseline.task.calibration_size, top_k)
+        space = load_space(written)
+        method = f"(d) sweeper joint search ({s.trials} trials, top_k 0..{top_k})"
+    else:
+        space = load_space(s.space)
+        method = f"(d) sweeper run {s.space.name} ({space.trials} trials)"
     events: dict[str, float] = {}
 
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "start":
+    def on_event(event: Event) -> None:
+        if isinstance(event, SweepStarted):
             events["start"] = time.perf_counter()
+        elif isinstance(event, TrialFinished):  # progress on stderr, away from the table
+            row = event.row
+            print(f"... (d) trial {row.get('trial_number')} {row.get('backend')}: {row.get('state')}, "
+                  f"{row.get('latency_ms_p50')} ms, drop {row.get('accuracy_drop')}", file=sys.stderr, flush=True)
+        elif isinstance(event, SweepPhase | ConfirmationStarted):
+            print(f"... (d) {getattr(event, 'text', 'confirming the finalists')}", file=sys.stderr, flush=True)
 
     with roots.using(roots.fresh("d-sweep")):
         started = time.perf_counter()
-        options = SweepOptions(out=s.out, study=study, trials=s.trials,
-                               max_concurrent=s.max_concurrent, seed=0)  # fmt: skip
+        own = s.space is None  # a given space file keeps its own trials and concurrency
+        options = SweepOptions(out=s.out, study=study, seed=0, task=s.task_ref.path,
+                               trials=s.trials if own else None, max_concurrent=s.max_concurrent if own else None)
         try:
-            summary = run_sweep(load_space(space_path), options, on_event)
+            summary = run_sweep(space, options, on_event)
             wall = time.perf_counter() - started
         finally:
             # Ray is imported by run_sweep, after sweeper.cluster has set its authentication mode
@@ -237,23 +273,28 @@ def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Pa
     df = results.load(summary.study_dir)
     pruned, failed = int(df.state.eq("pruned").sum()), int(df.state.eq("failed").sum())
     note = f"{len(df)} trials ({pruned} pruned, {failed} failed) + {n_layers + 1} sensitivity builds"
+    if summary.confirmed:
+        note += f" + {summary.confirmed} finalists confirmed"
     outcome = Outcome(
-        method=f"(d) sweeper joint search ({s.trials} trials, top_k 0..{top_k})", trials=len(df),
-        pruned=pruned, evaluations=len(df) + n_layers + 1, evaluations_note=note,
+        method=method, trials=len(df), pruned=pruned, evaluations=len(df) + n_layers + 1, evaluations_note=note,
         wall_time_s=wall, setup_s=events.get("start", started) - started,
     )  # fmt: skip
-    ok = df[df.state.eq("complete") & df.feasible]
-    if ok.empty:
+    best = open_study(str(summary.study_dir)).best
+    if best is None:
         outcome.error = f"no feasible trial in {len(df)}; study kept in {summary.study_dir}"
         return outcome
-    best = ok.sort_values("latency_ms_p50").iloc[0]
-    outcome.candidate = load_onnx_candidate(Path(best.artifact_path), s.threads)
+    artifact = Path(str(best.artifact_path))
+    if artifact.suffix != ".onnx":
+        outcome.error = f"the winner (trial {best.trial_number}, {best.backend}) is not an ONNX model: {artifact}"
+        return outcome
+    outcome.candidate = load_onnx_candidate(artifact, s.threads)
     outcome.accuracy, outcome.accuracy_drop = builder.drop(outcome.candidate)
-    outcome.excluded = list(best.excluded_layers)
-    outcome.method += (
-        f": {best['param.calibration_method']}, {int(best['param.calibration_samples'])} samples, "
-        f"per_channel={bool(best['param.per_channel'])}"
-    )
+    excluded = best.get("excluded_layers")
+    outcome.excluded = [] if excluded is None or not len(excluded) else list(excluded)
+    params = {k.removeprefix("param."): v for k, v in best.items()
+              if k.startswith("param.") and k != "param.nodes_to_exclude" and v is not None and v == v}  # fmt: skip
+    described = ", ".join(f"{k}={v}" for k, v in params.items())
+    outcome.method += f": winner trial {best.trial_number}, {best.backend} {described}"
     return outcome
 
 

@@ -66,8 +66,10 @@ class NncfOutcome:
 
 def run_nncf(
     fp32_onnx: Path, task: Any, *, budget: float, calibration_samples: int, num_threads: int, out: Path,
+    keep: np.ndarray | None = None,
 ) -> NncfOutcome:  # fmt: skip
-    """Quantize ``fp32_onnx`` with NNCF's accuracy control; never raises."""
+    """Quantize ``fp32_onnx`` with NNCF's accuracy control; never raises. Its validation set is
+    the evaluation samples ``keep`` lists (the trial part a sweep scores on), or all of them."""
     outcome = NncfOutcome()
     try:
         import nncf
@@ -77,7 +79,7 @@ def run_nncf(
         return outcome
     outcome.version = nncf.__version__
     try:
-        _quantize(nncf, onnx, fp32_onnx, task, budget, calibration_samples, num_threads, out, outcome)
+        _quantize(nncf, onnx, fp32_onnx, task, budget, calibration_samples, num_threads, out, outcome, keep)
     except Exception as exc:  # the row records why NNCF failed; the other methods stand
         outcome.error = f"nncf {outcome.version} failed: {type(exc).__name__}: {exc}"[:600]
         outcome.model_path = None
@@ -86,15 +88,18 @@ def run_nncf(
 
 def _quantize(
     nncf: Any, onnx: Any, fp32_onnx: Path, task: Any, budget: float, calibration_samples: int,
-    num_threads: int, out: Path, outcome: NncfOutcome,
+    num_threads: int, out: Path, outcome: NncfOutcome, keep: np.ndarray | None,
 ) -> None:  # fmt: skip
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    from sweeper.holdout import select_batches
+
     scale = 100.0 if task.metric_name.endswith("_pct") else 1.0
     sign = 1.0 if task.higher_is_better else -1.0
     calibration = [_split(batch) for batch in task.calibration_batches(calibration_samples)]
-    validation = [(x, y) for batch, labels in task.eval_batches(256) for x, y in zip(_split(batch), labels)]
+    batches = task.eval_batches(256) if keep is None else select_batches(task.eval_batches(256), keep)
+    validation = [(x, y) for batch, labels in batches for x, y in zip(_split(batch), labels, strict=True)]
     outcome.eval_samples = len(validation)
     calibration = [x for batch in calibration for x in batch]
 
@@ -141,13 +146,21 @@ def _split(batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 
 
 def _session(model_bytes: bytes, num_threads: int) -> Any:
+    """A session opened as sweeper opens every ONNX model, so that NNCF's validation sees the
+    figures the benchmark measures afterwards (see ``DISABLED_OPTIMIZERS``: ORT would otherwise
+    quantize the float weights of a layer NNCF reverted, whenever a DequantizeLinear feeds it)."""
     import onnxruntime as ort
+
+    from sweeper.backends.onnx.runtime import DISABLED_OPTIMIZERS
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(
+        model_bytes, sess_options=options, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS
+    )
 
 
 @contextlib.contextmanager

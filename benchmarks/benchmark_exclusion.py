@@ -1,7 +1,10 @@
 """Layer exclusion under an accuracy budget: four ways to get INT8 within it, side by side.
 
 Usage: ``python benchmarks/benchmark_exclusion.py [--task segment_mlp] [--budget 1.0] [--trials 16]
-[--quick] [--threads 1] [--out results/benchmarks]``.
+[--quick] [--threads 1] [--space search_spaces/<task>.yaml] [--max-steps N] [--out results/benchmarks]``.
+On the pretrained models: ``--task efficientnet_lite0 --calibration-samples 180 --space
+search_spaces/efficientnet_lite0.yaml`` and ``--task minilm_sentiment --space
+search_spaces/minilm_sentiment.yaml`` (NNCF must be installed for (c): ``pip install nncf``).
 
 On one task, budget and machine, with ONNX Runtime static INT8 (QDQ; one fixed calibration
 method, sample count and per-channel setting for a, b and c):
@@ -13,11 +16,16 @@ method, sample count and per-channel setting for a, b and c):
 - (c) NNCF's own ``quantize_with_accuracy_control`` on the same FP32 ONNX file, same calibration
   samples, a ``validation_fn`` computing the task's metric (see ``_nncf_control.py``);
 - (d) sweeper's joint search: ``run_sweep`` over calibration method, sample count, per-channel and
-  ``exclude: {top_k: {low: 0, high: K}}`` with early stopping, on an embedded local Ray.
+  ``exclude: {top_k: {low: 0, high: K}}`` with early stopping, on an embedded local Ray; or, with
+  ``--space``, the sweep that space file describes (every backend in it), whose winner is (d)'s model.
+
+Methods (a)-(c) and NNCF's ``validation_fn`` score on the trial part of the evaluation split, the
+samples a sweep's trials see; every final model is then scored on the held-out part as well, which
+no method saw (a sweep confirms its finalists there).
 
 Every final model is timed against the ONNX Runtime FP32 model in this process, interleaved
-(:func:`sweeper.measure.time_interleaved`), with fixed threads; drops are measured here on the
-whole evaluation split against the PyTorch FP32 metric. Wall times start from a cold calibration
+(:func:`sweeper.measure.time_interleaved`), with fixed threads; drops are measured here against
+the PyTorch FP32 model, on both parts of the evaluation split. Wall times start from a cold calibration
 and sensitivity cache per method (they exclude training and the shared FP32 export). Then
 exclusion-only builds are timed with a shared calibration cache against an empty one, A/B/A/B.
 
@@ -62,12 +70,13 @@ DEFAULT_TASK = "segment_mlp"
 # excluding a layer is not: segment_mlp's docstring explains why, and its test
 # (tests/unit/test_exclusion_task.py, BUDGET_PCT) fixes the budget. digits_cnn's full INT8 is
 # within any budget; 0.0 only makes every code path run.
-DEFAULT_BUDGETS = {"segment_mlp": 1.0, "digits_cnn": 0.0}
+DEFAULT_BUDGETS = {"segment_mlp": 1.0, "digits_cnn": 0.0, "efficientnet_lite0": 1.0, "minilm_sentiment": 1.0}
 # Parquet columns that may be missing or empty in some rows.
 ROW_DTYPES = {
     "latency_ms_p50": "float64", "latency_ms_p90": "float64", "latency_runs": "Int64",
     "onnxruntime_fp32_latency_ms_p50": "float64", "speedup_vs_onnxruntime_fp32": "float64", "accuracy": "float64",
-    "accuracy_drop": "float64", "evaluations": "Int64", "trials": "Int64", "pruned": "Int64",
+    "accuracy_drop": "float64", "accuracy_held_out": "float64", "accuracy_drop_held_out": "float64",
+    "held_out_samples": "Int64", "evaluations": "Int64", "trials": "Int64", "pruned": "Int64",
     "wall_time_s": "float64", "setup_s": "float64", "error": "string", "evaluations_note": "string",
 }  # fmt: skip
 QUICK = MeasureSettings(warmup_runs=5, min_runs=30, max_runs=5000, min_time_s=0.5, round_size=5)
@@ -91,6 +100,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="per-channel weights for a and b (NNCF's preset quantizes weights per channel)")
     parser.add_argument("--cache-builds", type=int, default=None, help="exclusion sets in the cache A/B (default 5)")
     parser.add_argument("--max-concurrent", type=int, default=1, help="trials in flight in the joint search (default 1)")
+    parser.add_argument("--space", type=Path, default=None,
+                        help="a space file for (d) instead of the generated ORT static INT8 space (e.g. the shipped "
+                        "search_spaces/<task>.yaml); (d)'s model is then the sweep's winner")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="stop (b)'s revert loop after this many re-quantizations (default: until within budget)")
     parser.add_argument("--out", type=Path, default=Path("results/benchmarks"))
     args = parser.parse_args(argv)
     if min(args.threads, args.batch_size, args.calibration_samples, args.max_concurrent) < 1 or (args.trials or 1) < 1:
@@ -118,7 +132,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         threads=args.threads, quick=args.quick, calibration_method=args.calibration_method,
         calibration_samples=min(args.calibration_samples, task.calibration_size), per_channel=args.per_channel,
         measure=(QUICK if args.quick else FULL).model_copy(update={"batch_size": args.batch_size}), cache_builds=args.cache_builds or 5,
-        max_concurrent=args.max_concurrent, out=args.out,
+        max_concurrent=args.max_concurrent, out=args.out, space=args.space, max_steps=args.max_steps,
     )  # fmt: skip
 
 
@@ -174,7 +188,7 @@ def run(s: Settings, scratch: Path) -> None:
     outcomes.append(_guard("(b) greedy revert loop (sweeper sensitivity ranking)", run_b))
     _log("(c) NNCF quantize_with_accuracy_control")
     nncf = run_nncf(fp32_onnx, baseline.task, budget=s.budget, calibration_samples=s.calibration_samples,
-                    num_threads=s.threads, out=scratch / "nncf")  # fmt: skip
+                    num_threads=s.threads, out=scratch / "nncf", keep=baseline.keep)  # fmt: skip
     outcomes.append(_nncf_outcome(nncf, builder, s))
     _log(f"(d) joint search: {s.trials} trials on an embedded Ray")
     sweep = f"{study}-sweep"
@@ -185,8 +199,14 @@ def run(s: Settings, scratch: Path) -> None:
         _log(f"calibration cache A/B: {s.cache_builds} exclusion sets, shared vs empty cache")
         cache_rows = cache_ab(builder, roots, ranking)
 
+    _log("scoring every final model on the held-out part of the evaluation split")
+    for o in (o for o in outcomes if o.candidate is not None):
+        o.accuracy_held_out, o.accuracy_drop_held_out, o.held_out_samples = builder.held_out_drop(o.candidate)
+    reference = Outcome(method="ONNX Runtime FP32 (reference)", accuracy=ort_metric, accuracy_drop=ort_drop)
+    held = builder.held_out_drop(ort_fp32)
+    reference.accuracy_held_out, reference.accuracy_drop_held_out, reference.held_out_samples = held
     _log("timing every final model against ORT FP32, interleaved")
-    rows = _time_and_row(outcomes, ort_fp32, ort_metric, ort_drop, baseline, s, study, info)
+    rows = _time_and_row(outcomes, reference, ort_fp32, baseline, s, study, info)
     text = _render(s, info, baseline, rows, cache_rows, nncf, ranking, export_s, time.time() - started)
     print(text)
     paths = _write(s.out, study, text, rows, cache_rows)
@@ -216,8 +236,8 @@ def _nncf_outcome(nncf: Any, builder: Builder, s: Settings) -> Outcome:
 
 
 def _time_and_row(
-    outcomes: list[Outcome], ort_fp32: Any, ort_metric: float, ort_drop: float, baseline: Any, s: Settings,
-    study: str, info: dict[str, Any],
+    outcomes: list[Outcome], reference: Outcome, ort_fp32: Any, baseline: Any, s: Settings, study: str,
+    info: dict[str, Any],
 ) -> list[dict[str, Any]]:  # fmt: skip
     from sweeper.measure import time_interleaved
 
@@ -232,6 +252,8 @@ def _time_and_row(
     rows, fp32_p50s = [], []
     for o in outcomes:
         row = {**common, "method": o.method, "accuracy": o.accuracy, "accuracy_drop": o.accuracy_drop,
+               "accuracy_held_out": o.accuracy_held_out, "accuracy_drop_held_out": o.accuracy_drop_held_out,
+               "held_out_samples": o.held_out_samples,
                "excluded_layers": o.excluded, "n_excluded": len(o.excluded), "evaluations": o.evaluations,
                "evaluations_note": o.evaluations_note, "trials": o.trials, "pruned": o.pruned,
                "wall_time_s": o.wall_time_s, "setup_s": o.setup_s, "error": o.error}  # fmt: skip
@@ -246,12 +268,15 @@ def _time_and_row(
                 row["error"] = f"timing failed: {type(exc).__name__}: {exc}"
         row["feasible"] = o.candidate is not None and o.accuracy_drop is not None and o.accuracy_drop <= s.budget
         rows.append(row)
-    reference = {**common, "method": "ONNX Runtime FP32 (reference)", "accuracy": ort_metric,
-                 "accuracy_drop": ort_drop, "feasible": ort_drop <= s.budget, "excluded_layers": [], "n_excluded": 0,
+    ref = reference
+    reference_row = {**common, "method": ref.method, "accuracy": ref.accuracy, "accuracy_drop": ref.accuracy_drop,
+                 "accuracy_held_out": ref.accuracy_held_out, "accuracy_drop_held_out": ref.accuracy_drop_held_out,
+                 "held_out_samples": ref.held_out_samples,
+                 "feasible": (ref.accuracy_drop or 0.0) <= s.budget, "excluded_layers": [], "n_excluded": 0,
                  "latency_ms_p50": statistics.median(fp32_p50s) if fp32_p50s else None,
                  "speedup_vs_onnxruntime_fp32": 1.0 if fp32_p50s else None,
                  "evaluations_note": "median of its p50 over the pairs below"}  # fmt: skip
-    return [reference, *rows]
+    return [reference_row, *rows]
 
 
 def _render(
@@ -275,19 +300,23 @@ def _render(
          "global min/max ranges, same samples, its own quantizer and fast bias correction."),
         (f"Latency: each final model timed against the ORT FP32 model in one process, interleaved "
          f"({m.warmup_runs} warm-up calls, rounds of {m.round_size}, >= {m.min_runs} calls and "
-         f">= {m.min_time_s:g} s). Drops measured here on the whole evaluation split against the PyTorch FP32 metric."),
+         f">= {m.min_time_s:g} s). Drops measured here against the PyTorch FP32 model, on the trial part of the "
+         "evaluation split (what the methods search on; feasible = within the budget there) and on its held-out "
+         "part (none of them saw it)."),
         (f"Wall times start from a cold calibration and sensitivity cache per method; they exclude training "
          f"and the FP32 ONNX export shared by all ({export_s:.1f} s here)."),
         "",
     ]  # fmt: skip
-    head = ("Method", "Final latency p50 ms", "Speedup vs ORT FP32", "Accuracy drop", "Feasible",
-            "Evaluations / trials", "Wall time s")  # fmt: skip
+    held = next((r.get("held_out_samples") for r in rows if r.get("held_out_samples")), None)
+    head = ("Method", "Final latency p50 ms", "Speedup vs ORT FP32", f"Drop ({len(baseline.labels)} trial samples)",
+            f"Drop held out ({held or '—'} samples)", "Feasible", "Layers in float", "Evaluations / trials",
+            "Wall time s")  # fmt: skip
     table_rows = []
     for r in rows:
         table_rows.append((
             r["method"], _fmt(r.get("latency_ms_p50"), "{:.4g}"), _fmt(r.get("speedup_vs_onnxruntime_fp32"), "{:.2f}x"),
-            _fmt(r.get("accuracy_drop"), "{:+.2f}"), _feasible(r),
-            r.get("evaluations_note") or "—", _fmt(r.get("wall_time_s"), "{:.2f}"),
+            _fmt(r.get("accuracy_drop"), "{:+.2f}"), _fmt(r.get("accuracy_drop_held_out"), "{:+.2f}"), _feasible(r),
+            str(r.get("n_excluded", 0)), r.get("evaluations_note") or "—", _fmt(r.get("wall_time_s"), "{:.2f}"),
         ))  # fmt: skip
     lines.append(markdown_table(head, table_rows))
     lines.append("Layers left in float:")
