@@ -138,6 +138,11 @@ def best_by_budget(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> pd
     the trial was confirmed (its confirmed drop and median latency), else by its own. A fastest
     finalist tied with a simpler one gives way to it, as the winner does.
 
+    "Fastest" is the largest speedup over the FP32 model timed in the same rounds (the trial's own,
+    or the confirmation's) when every trial within the budget has one: raw latencies of trials
+    timed minutes apart, and of confirmation rounds, carry the machine's drift between them.
+    Without speedups (an older study) it is the smallest latency.
+
     Columns: ``max_drop``, ``trial_number``, ``backend``, ``latency_ms_p50``, ``accuracy_drop``,
     ``speedup``, ``figures`` (``confirmed`` or ``trial``); a budget nothing meets has missing values.
     """
@@ -157,7 +162,11 @@ def best_by_budget(df: pd.DataFrame, budgets: tuple[float, ...] = BUDGETS) -> pd
     order = done.get("confirmed_rank", pd.Series(np.nan, index=done.index))
     rows = []
     for budget in budgets:
-        within = table[table["accuracy_drop"] <= budget].sort_values(["latency_ms_p50", "trial_number"])
+        within = table[table["accuracy_drop"] <= budget]
+        if within["speedup"].notna().all():
+            within = within.sort_values(["speedup", "trial_number"], ascending=[False, True])
+        else:
+            within = within.sort_values(["latency_ms_p50", "trial_number"])
         if not within.empty and pd.notna(group[within.index[0]]):
             tied = within[group[within.index] == group[within.index[0]]]
             within = within.loc[[order[tied.index].idxmin()]]

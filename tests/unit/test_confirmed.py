@@ -69,11 +69,12 @@ def test_round_robin_rotates_the_order_and_times_every_model_alike() -> None:
 def _confirmation(number: int, latency: float, *, feasible: bool = True, seed: int = 0, rounds: list | None = None,
                   drop: float = 0.0, backend: str = STATIC, excluded: int = 0, size: int = 70_000) -> dict:
     rounds = rounds if rounds is not None else list(np.random.default_rng(seed).normal(latency, 0.005, 20))
+    # confirmed_speedup: against an FP32 at 0.5 ms, as in the trials of make_study
     return {
         "study": "syn", "trial_number": number, "backend": backend, "n_excluded": excluded, "size_bytes": size,
         "confirmed_feasible": feasible, "confirmed_latency_ms_p50": float(np.median(rounds)),
         "confirmed_round_ms": rounds, "confirmed_accuracy_drop": drop, "confirmed_accuracy_drop_low": drop - 2,
-        "confirmed_accuracy_drop_high": drop + 2, "confirmed_speedup": 1.0 / float(np.median(rounds)),
+        "confirmed_accuracy_drop_high": drop + 2, "confirmed_speedup": 0.5 / float(np.median(rounds)),
         "confirmed_split": "held_out", "confirmed_samples": 120, "confirmed_latency_runs": 200, "confirmed_rounds": 20,
         "confirmed_settings": "{}",
     }
@@ -184,6 +185,18 @@ def test_the_budgets_table_prefers_confirmed_figures(tmp_path: Path) -> None:
     assert table["figures"].tolist() == ["confirmed", "confirmed", "trial"]
     assert (table["accuracy_drop"] <= table["max_drop"]).all()
     assert pd.isna(analysis.best_by_budget(df, (-1.0,)).loc[0, "latency_ms_p50"]), "nothing meets a negative budget"
+
+
+def test_the_budgets_table_ranks_by_speedup_over_fp32_timed_in_the_same_rounds(tmp_path: Path) -> None:
+    df = results.load(make_study(tmp_path))  # no confirmation: the trials' own figures
+    # Trial 9 was timed while the whole machine ran fast: its FP32 took 0.1 ms, not 0.5. Its raw
+    # latency is the lowest of the drop-0 trials, but it is no faster than FP32 (speedup 1.0).
+    at = df["trial_number"] == 9
+    df.loc[at, ["latency_ms_p50", "baseline_latency_ms_p50", "speedup"]] = [0.1, 0.1, 1.0]
+    table = analysis.best_by_budget(df, (0.0,))
+    assert table["trial_number"].tolist() == [8], "trial 8: 0.40 ms against its FP32's 0.5 (1.25x) beats 1.0x"
+    without = analysis.best_by_budget(df.assign(speedup=np.nan), (0.0,))
+    assert without["trial_number"].tolist() == [9], "with no speedups, the raw latency decides"
 
 
 def test_confirmation_settings_must_time_more_than_a_trial() -> None:
