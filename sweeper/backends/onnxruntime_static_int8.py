@@ -11,6 +11,11 @@ What the installed ONNX Runtime (1.32) does with each combination, measured on O
 - ``quant_format="qoperator"`` with ``activation_type="int8"``: runs and is accurate, but ORT's
   CPU kernels for it are slow (about 3x slower than QDQ on the digits CNN); allowed, so the
   search can find that out.
+- ``quant_format="qoperator"`` on a model whose Gemm/Conv bias is an initializer another node
+  reads too (BERT-base's export): ORT's quantizer made a graph ORT refuses to load
+  ("INVALID_GRAPH ... of operator (QGemm)"); such biases get a copy each before quantizing
+  (:func:`~sweeper.backends.onnx.runtime.unshare_biases`). QOperator runs on MiniLM too, but
+  loses ~20 points of accuracy there (QDQ ~12).
 - ``calibration_method="distribution"``: ORT's distribution calibrator (meant for float8) gives
   symmetric ranges, with which ORT's quantizer drops the ReLUs after Conv/Gemm while keeping
   zero points mid-range: the ReLUs vanish and accuracy collapses (43% agreement on digits). The
@@ -40,6 +45,7 @@ from sweeper.backends.onnx.runtime import (
     graph_nodes,
     quantizer_input,
     quiet,
+    unshare_biases,
 )
 from sweeper.location import cache_key, cached_file
 from sweeper.task import Batch, check_sample_count
@@ -185,7 +191,10 @@ def quantize_static_int8(ctx: BuildContext, config: OnnxRuntimeStaticInt8Config)
     output = ctx.workdir / "model_int8.onnx"
     excluded = excluded_nodes(fp32, quantizable, config.nodes_to_exclude)
     try:
-        _run_quantize_static(ctx, quantizer_input(fp32, ctx.workdir), output, ranges, excluded, config)
+        source = quantizer_input(fp32, ctx.workdir)
+        if config.quant_format == "qoperator":
+            source = unshare_biases(source, ctx.workdir)
+        _run_quantize_static(ctx, source, output, ranges, excluded, config)
     finally:  # the ranges are good even when quantizing then failed: keep them for the next build
         if ranges != cached_ranges and ranges.is_file():
 

@@ -86,6 +86,51 @@ def quantizer_input(fp32: Path, workdir: Path) -> Path:
     return private
 
 
+# Op types whose input 2 is a bias that ORT's QOperator quantizer turns into its own int32 tensor.
+_BIASED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+def unshare_biases(model_path: Path, workdir: Path) -> Path:
+    """``model_path``, or a copy in ``workdir`` in which every Conv/ConvTranspose/Gemm bias that
+    is an initializer also read by another node has a copy of its own.
+
+    Exporters merge equal initializers: in the export of a freshly initialised BERT-base every
+    all-zero bias, the pooler Gemm's among them, is one tensor, also read by ``Add`` nodes. ORT
+    1.32's QOperator quantizer quantizes that tensor once as an ``Add`` input (uint8/int8, for
+    QLinearAdd) and hands the same quantized tensor to QGemm as its bias, which must be int32: the
+    session refuses the model ("INVALID_GRAPH ... Type 'tensor(uint8)' of input parameter
+    (model.bert.embeddings.LayerNorm.bias_quantized) of operator (QGemm)"). A copy per bias is
+    the same model; the activation tensors keep their names, so cached calibration ranges still apply.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    copies = 0
+    for i, node in enumerate(graph.node):
+        if node.op_type not in _BIASED_OPS or len(node.input) < 3:
+            continue
+        bias = node.input[2]
+        if bias in initializers and readers[bias] > 1:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[bias])
+            copy.name = f"{bias}__bias_of_{node.name or i}"
+            graph.initializer.append(copy)
+            node.input[2] = copy.name
+            readers[bias] -= 1
+            copies += 1
+    if not copies:
+        return model_path
+    target = workdir / f"{model_path.stem}-unshared-biases.onnx"
+    onnx.save(model, str(target))
+    return target
+
+
 def check_nodes_to_exclude(nodes_to_exclude: Collection[str], quantizable: list[tuple[str, str]], what: str) -> None:
     """Raise ``ConfigError`` naming the ``nodes_to_exclude`` that are not ``quantizable`` nodes.
 
