@@ -342,3 +342,32 @@ def test_torch_compile_without_a_cpp_compiler_is_unavailable(monkeypatch: pytest
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     reason = get_backend("torch_compile").unavailable_reason()
     assert reason is not None and "'no-such-c++-compiler'" in reason and "not on PATH" in reason
+
+
+def test_a_transformers_model_is_rejected_with_the_backends_that_quantize_it() -> None:
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from sweeper.backends.torch.fx_int8 import QuantizationError, quantizable_layers
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+
+    class Classifier(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = transformers.BertModel(config)
+            self.head = torch.nn.Linear(32, 2)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.head(hidden[:, 0])
+
+    with pytest.raises(QuantizationError) as info:
+        quantizable_layers(Classifier().eval())
+    message = str(info.value)
+    assert "cannot be traced by torch.fx" in message and "transformers modules" in message
+    assert "torch_dynamic_int8" in message and "onnxruntime_static_int8" in message
+    with pytest.raises(QuantizationError) as plain:
+        quantizable_layers(_toy_modules()["batch_dependent"])
+    assert "transformers" not in str(plain.value), "the hint is only for models built by transformers"

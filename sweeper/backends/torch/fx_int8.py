@@ -102,8 +102,21 @@ def _fx_graph(model: torch.nn.Module, what: str) -> torch.fx.Graph:
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
         raise QuantizationError(
             f"{what} cannot be traced by torch.fx, which FX graph mode quantization needs: "
-            f"{type(exc).__name__}: {' '.join(lines[:3])}"
+            f"{type(exc).__name__}: {' '.join(lines[:3])}{_transformers_hint(model)}"
         ) from exc
+
+
+def _transformers_hint(model: torch.nn.Module) -> str:
+    """Why a model built by ``transformers`` does not trace, and what quantizes it instead."""
+    if not any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        return ""
+    # transformers 5 removed its own FX tracer (transformers.utils.fx); plain symbolic tracing
+    # stops where the model slices or branches on input shapes (position ids, attention masks).
+    return (
+        ". The model contains transformers modules, which torch.fx cannot trace symbolically (they slice "
+        "and branch on input shapes; transformers 5 no longer ships an FX tracer). Its INT8 paths are "
+        "torch_dynamic_int8 and the ONNX Runtime backends (onnxruntime_dynamic_int8, onnxruntime_static_int8)"
+    )
 
 
 def model_layers(model: torch.nn.Module, task: Task, backend: str) -> list[tuple[str, str]]:
