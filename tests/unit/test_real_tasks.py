@@ -184,8 +184,7 @@ def test_minilm_splits_are_disjoint_and_sized(minilm: Task) -> None:
     assert not ids["calibration"] & ids["evaluation"]
     batches = list(minilm.calibration_batches(40, batch_size=16))
     assert [len(b["input_ids"]) for b in batches] == [16, 16, 8]
-    # only the batch axis is dynamic in the export (ORT's pre-processing needs a fixed sequence)
-    assert minilm.dynamic_axes["input_ids"] == {0: "batch"}
+    assert minilm.dynamic_axes["input_ids"] == {0: "batch", 1: "sequence"}
 
 
 def test_minilm_model_takes_any_batch_and_sequence_length(minilm: Task) -> None:
@@ -240,3 +239,28 @@ def test_minilm_converts_to_onnx_float16(minilm: Task, tmp_path) -> None:
     assert got.dtype == np.float32 and got.shape == expected.shape
     assert np.array_equal(got.argmax(-1), expected.argmax(-1))
     assert np.abs(got - expected).max() < 0.05
+
+
+def test_minilm_export_and_its_int8_take_any_sequence_length(minilm: Task, tmp_path) -> None:
+    """The export has a dynamic sequence axis: with the padding trimmed away, the FP32 export's
+    logits stay the same (the mask, not the length, decides) and ORT dynamic INT8 runs and agrees
+    (its activation ranges are taken per call, padding included, so its logits move a little)."""
+    import onnx
+
+    from sweeper.backends import BuildContext, get_backend
+
+    model = minilm.build_model()
+    ctx = BuildContext(model=model, task=minilm, workdir=tmp_path, cache_dir=tmp_path, num_threads=1)
+    batch = minilm.example_inputs(4)
+    width = int(batch["attention_mask"].sum(axis=1).max())
+    assert width < batch["input_ids"].shape[1]
+    trimmed = {k: v[:, :width] for k, v in batch.items()}
+    expected = _forward(model, minilm, batch)
+    for name, atol in (("onnxruntime_fp32", 1e-4), ("onnxruntime_dynamic_int8", 0.2)):
+        backend = get_backend(name)
+        candidate = backend.build(ctx, backend.config({}))
+        inputs = onnx.load(str(candidate.path)).graph.input
+        assert [d.dim_param for d in inputs[0].type.tensor_type.shape.dim] == ["batch", "sequence"], name
+        full, short = candidate.predict(batch), candidate.predict(trimmed)
+        np.testing.assert_allclose(short, full, atol=atol, err_msg=name)
+        assert np.array_equal(short.argmax(-1), expected.argmax(-1)), name
