@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sweeper.spec import MeasureSettings, TaskRef
 
 BACKEND = "onnxruntime_static_int8"
@@ -290,12 +292,20 @@ def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Pa
     outcome.candidate = load_onnx_candidate(artifact, s.threads)
     outcome.accuracy, outcome.accuracy_drop = builder.drop(outcome.candidate)
     excluded = best.get("excluded_layers")
-    outcome.excluded = [] if excluded is None or not len(excluded) else list(excluded)
+    outcome.excluded = list(excluded) if isinstance(excluded, list | tuple | np.ndarray) else []
     params = {k.removeprefix("param."): v for k, v in best.items()
-              if k.startswith("param.") and k != "param.nodes_to_exclude" and v is not None and v == v}  # fmt: skip
+              if k.startswith("param.") and k != "param.nodes_to_exclude" and _given(v)}  # fmt: skip
     described = ", ".join(f"{k}={v}" for k, v in params.items())
     outcome.method += f": winner trial {best.trial_number}, {best.backend} {described}"
     return outcome
+
+
+def _given(value: Any) -> bool:
+    """Whether a row's parameter cell holds a value (not None, NaN or pandas' NA: a parameter of
+    another backend)."""
+    import pandas as pd
+
+    return isinstance(value, list | tuple | np.ndarray) or not pd.isna(value)
 
 
 def write_space(path: Path, s: Settings, calibration_size: int, top_k: int) -> Path:
