@@ -274,11 +274,13 @@ def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Pa
                 sys.modules["ray"].shutdown()
     df = results.load(summary.study_dir)
     pruned, failed = int(df.state.eq("pruned").sum()), int(df.state.eq("failed").sum())
-    note = f"{len(df)} trials ({pruned} pruned, {failed} failed) + {n_layers + 1} sensitivity builds"
+    ranked = bool(space.exclusions)  # a space without an exclusion search ranks no layer
+    note = f"{len(df)} trials ({pruned} pruned, {failed} failed)" + (f" + {n_layers + 1} sensitivity builds" if ranked else "")
     if summary.confirmed:
         note += f" + {summary.confirmed} finalists confirmed"
     outcome = Outcome(
-        method=method, trials=len(df), pruned=pruned, evaluations=len(df) + n_layers + 1, evaluations_note=note,
+        method=method, trials=len(df), pruned=pruned, evaluations=len(df) + (n_layers + 1 if ranked else 0),
+        evaluations_note=note,
         wall_time_s=wall, setup_s=events.get("start", started) - started,
     )  # fmt: skip
     best = open_study(str(summary.study_dir)).best
