@@ -275,7 +275,9 @@ def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Pa
     df = results.load(summary.study_dir)
     pruned, failed = int(df.state.eq("pruned").sum()), int(df.state.eq("failed").sum())
     ranked = bool(space.exclusions)  # a space without an exclusion search ranks no layer
-    note = f"{len(df)} trials ({pruned} pruned, {failed} failed)" + (f" + {n_layers + 1} sensitivity builds" if ranked else "")
+    note = f"{len(df)} trials ({pruned} pruned, {failed} failed)"
+    if ranked:
+        note += f" + {n_layers + 1} sensitivity builds"
     if summary.confirmed:
         note += f" + {summary.confirmed} finalists confirmed"
     outcome = Outcome(
