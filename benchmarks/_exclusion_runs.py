@@ -257,8 +257,10 @@ def joint_search(builder: Builder, roots: CacheRoots, n_layers: int, scratch: Pa
             row = event.row
             print(f"... (d) trial {row.get('trial_number')} {row.get('backend')}: {row.get('state')}, "
                   f"{row.get('latency_ms_p50')} ms, drop {row.get('accuracy_drop')}", file=sys.stderr, flush=True)
-        elif isinstance(event, SweepPhase | ConfirmationStarted):
-            print(f"... (d) {getattr(event, 'text', 'confirming the finalists')}", file=sys.stderr, flush=True)
+        elif isinstance(event, SweepPhase):
+            print(f"... (d) {event.text}", file=sys.stderr, flush=True)
+        elif isinstance(event, ConfirmationStarted):
+            print(f"... (d) confirming {len(event.trials)} finalists", file=sys.stderr, flush=True)
 
     with roots.using(roots.fresh("d-sweep")):
         started = time.perf_counter()

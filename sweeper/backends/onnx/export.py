@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -123,7 +123,6 @@ def _simplifier_version(simplify: str) -> str:
 
 def _export_and_preprocess(ctx: BuildContext, settings: OnnxExportConfig, out: Path) -> None:
     import onnx
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     task, opset, exporter = ctx.task, settings.opset, settings.exporter
     what = describe_export(task, settings)
@@ -161,7 +160,7 @@ def _export_and_preprocess(ctx: BuildContext, settings: OnnxExportConfig, out: P
         # models) into the current folder: keep them in the temporary one.
         with quiet(native=True), contextlib.chdir(tmpdir):
             try:
-                _preprocess(quant_pre_process, raw, pre)
+                _preprocess(raw, pre)
                 onnx.checker.check_model(str(pre))
             except Exception as exc:
                 raise OnnxExportError(
@@ -170,7 +169,7 @@ def _export_and_preprocess(ctx: BuildContext, settings: OnnxExportConfig, out: P
         shutil.copyfile(pre, out)
 
 
-def _preprocess(quant_pre_process: Any, raw: Path, pre: Path) -> None:
+def _preprocess(raw: Path, pre: Path) -> None:
     """ORT's quantization pre-processing (symbolic shape inference, graph optimization, ONNX shape
     inference) of ``raw`` into ``pre``; without the symbolic shape inference when it cannot finish.
 
@@ -180,6 +179,8 @@ def _preprocess(quant_pre_process: Any, raw: Path, pre: Path) -> None:
     ONNX shape inference the other steps still run, and quantize such a model (measured on
     all-MiniLM-L6-v2 with ORT 1.32, dynamic and static QDQ, at 24 and 64 tokens).
     """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     try:
         quant_pre_process(str(raw), str(pre))
     except Exception as exc:
