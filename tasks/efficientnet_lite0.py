@@ -53,7 +53,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from sweeper.errors import TaskError
