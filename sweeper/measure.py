@@ -41,7 +41,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +200,39 @@ def predict_rows(predict: Callable[[Batch], Any], data: EvalData, rows: np.ndarr
                 batch = {name: value[chosen] for name, value in batch.items()}
         pieces.append(np.asarray(predict(batch), dtype=np.float32))
     return np.concatenate(pieces)
+
+
+def predict_rows_by_length(
+    predict: Callable[[Batch], Any],
+    data: EvalData,
+    rows: np.ndarray | None,
+    lengths: Callable[[Batch], np.ndarray],
+    padded: Collection[str],
+    batch_size: int = 64,
+) -> np.ndarray:
+    """:func:`predict_rows` for padded sequences: the chosen samples are sorted by ``lengths``
+    (each sample's unpadded length), batched ``batch_size`` at a time, and each batch's
+    ``padded`` inputs are cut along axis 1 to its longest sample; outputs come back in row order.
+
+    Falls back to :func:`predict_rows` when the batches differ in width (nothing to concatenate).
+    """
+    chosen = data if rows is None else data.select(rows)
+    if not chosen.batches or any(len({b[name].shape[1:] for b in chosen.batches}) > 1 for name in chosen.batches[0]):
+        return predict_rows(predict, data, rows)
+    inputs = {name: np.concatenate([b[name] for b in chosen.batches]) for name in chosen.batches[0]}
+    length = np.maximum(np.asarray(lengths(inputs)), 1)
+    order = np.argsort(length, kind="stable")
+    outputs: np.ndarray | None = None
+    for start in range(0, len(order), batch_size):
+        picked = order[start : start + batch_size]
+        longest = int(length[picked].max())
+        batch = {name: (v[picked, :longest] if name in padded else v[picked]) for name, v in inputs.items()}
+        out = np.asarray(predict(batch), dtype=np.float32)
+        if outputs is None:
+            outputs = np.empty((len(order), *out.shape[1:]), dtype=np.float32)
+        outputs[picked] = out
+    assert outputs is not None
+    return outputs
 
 
 # The evaluation split is divided once into a trial part and a held-out part (for the finalists'

@@ -16,7 +16,7 @@ import numpy as np
 
 from sweeper.backends import get_backend
 from sweeper.errors import ConfigError, SweeperInputError
-from sweeper.measure import DropCounts, EvalData, predict_rows
+from sweeper.measure import DropCounts, EvalData, predict_rows, predict_rows_by_length
 from sweeper.spec import TaskRef
 from sweeper.task import load_task
 from sweeper.triage import output_error, output_error_interval
@@ -106,7 +106,7 @@ def _score(
     samples and, for a top-1 task, the discordant counts."""
     task = baseline.task
     candidate = get_backend(backend).build(ctx, get_backend(backend).config(params))
-    outputs = predict_rows(candidate.predict, data, rows)
+    outputs = _predict(task, backend, candidate.predict, data, rows)
     reference, labels = baseline.outputs, baseline.labels
     if rows is not None:
         reference, labels = reference[rows], labels[rows]
@@ -125,6 +125,16 @@ def _score(
         counts = DropCounts.from_predictions(fp32_correct, correct)
         scored |= {"worse": counts.worse, "better": counts.better, "correct": int(np.sum(correct))}
     return scored
+
+
+def _predict(task: Any, backend: str, predict: Any, data: EvalData, rows: np.ndarray | None) -> np.ndarray:
+    """The candidate's outputs on ``rows`` of ``data``: on length-sorted batches cut to their
+    longest sample when the task pads sequences and the backend takes any length (measured on
+    MiniLM's 64-token sentences, 27 tokens long on average: ~2x fewer token evaluations)."""
+    padded = [name for name in task.input_names if 1 in task.dynamic_axes.get(name, {})]
+    if padded and data.batches and get_backend(backend).any_length and task.padded_lengths(data.batches[0]) is not None:
+        return predict_rows_by_length(predict, data, rows, task.padded_lengths, padded)
+    return predict_rows(predict, data, rows)
 
 
 def _failed(layer: str, exc: BaseException) -> dict[str, Any]:

@@ -58,6 +58,16 @@ class Task(ABC):
         """Dynamic axes of every input and output (ONNX export naming): the batch axis by default."""
         return {n: {0: "batch"} for n in (*self.input_names, *self.output_names)}
 
+    def padded_lengths(self, batch: Batch) -> np.ndarray | None:
+        """Each sample's length before padding, for a task whose inputs are sequences padded along
+        axis 1 (that axis named in :attr:`dynamic_axes`); ``None``, the default, when they are not.
+
+        With it, a model that takes any length is scored on length-sorted batches cut to their
+        longest sample (:func:`sweeper.measure.predict_rows_by_length`), which must give the
+        outputs the padded batches give: padding is masked, as an attention mask does.
+        """
+        return None
+
     @abstractmethod
     def build_model(self) -> torch.nn.Module:
         """Return a fresh FP32 model with its trained weights, in eval mode."""

@@ -27,9 +27,9 @@ Metric: ``top1_accuracy_pct`` against the ImageNet labels (the task default). Me
 FP32 model gets 85.46 % of the 1,080 views right: 17 photos in 89-100 % of their views, the two
 jeeps in 22 % and 0 % (a beach wagon, a convertible) and the dung beetle in 33 % (a ground beetle).
 
-What one point is: a sweep scores trials on about two thirds of the views and keeps the rest for
-confirming its finalists (:mod:`sweeper.holdout`, stratified by class), so **one point of
-accuracy is about 7 views in a trial and 3.6 on the held-out part**. Views of one photo are alike,
+What one point is: a sweep scores trials on 720 views and keeps the other 360 for confirming its
+finalists (:mod:`sweeper.holdout`, stratified by class), so **one point of accuracy is 7.2 views in
+a trial and 3.6 on the held-out part**. Views of one photo are alike,
 so their flips are not independent: the drop intervals, which treat the views as independent
 samples, are narrower than 20 photos warrant.
 

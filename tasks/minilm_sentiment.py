@@ -187,6 +187,10 @@ class MiniLMSentiment(Task):
         return {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                 "logits": {0: "batch"}}  # fmt: skip
 
+    def padded_lengths(self, batch: Batch) -> np.ndarray:
+        """Each sentence's tokens before padding (the attention mask's ones; padding comes last)."""
+        return np.asarray(batch["attention_mask"]).sum(axis=1)
+
     # --- data -----------------------------------------------------------------------------------
 
     @cached_property

@@ -130,6 +130,9 @@ class Backend(ABC, Generic[ConfigT]):
 
     # The config field listing layers to leave in float, for backends that can (None otherwise).
     exclusion_field: ClassVar[str | None] = None
+    # Whether its candidates take inputs of any size along the task's dynamic axes (an ONNX export
+    # declares them), so that a padded task can be scored on batches cut to their longest sample.
+    any_length: ClassVar[bool] = False
 
     def config(self, params: dict[str, Any]) -> ConfigT:
         """Build this backend's validated config from ``params`` (suggested, or read from a row).

@@ -240,8 +240,9 @@ def test_minilm_converts_to_onnx_float16(minilm: Task, tmp_path) -> None:
 
 def test_minilm_export_and_its_int8_take_any_sequence_length(minilm: Task, tmp_path) -> None:
     """The export has a dynamic sequence axis: with the padding trimmed away, the FP32 export's
-    logits stay the same (the mask, not the length, decides) and ORT dynamic INT8 runs and agrees
-    (its activation ranges are taken per call, padding included, so its logits move a little)."""
+    and ORT static INT8's logits stay the same (the mask, not the length, decides) and ORT dynamic
+    INT8 runs and agrees (its activation ranges are taken per call, padding included, so its
+    logits move a little)."""
     import onnx
 
     from sweeper.backends import BuildContext, get_backend
@@ -253,11 +254,22 @@ def test_minilm_export_and_its_int8_take_any_sequence_length(minilm: Task, tmp_p
     assert width < batch["input_ids"].shape[1]
     trimmed = {k: v[:, :width] for k, v in batch.items()}
     expected = _forward(model, minilm, batch)
-    for name, atol in (("onnxruntime_fp32", 1e-4), ("onnxruntime_dynamic_int8", 0.2)):
+    assert minilm.padded_lengths(batch).tolist() == batch["attention_mask"].sum(axis=1).tolist()
+    # static INT8's ranges are fixed at calibration, so cutting the padding changes nothing but
+    # float rounding: sensitivity scores its single-layer models on cut batches (fully quantized it
+    # loses ~12 points, so its classes are not compared with FP32's)
+    cases = (
+        ("onnxruntime_fp32", {}, 1e-4, True),
+        ("onnxruntime_dynamic_int8", {}, 0.2, True),
+        ("onnxruntime_static_int8", {"calibration_samples": 32}, 1e-3, False),
+    )
+    for name, params, atol, agrees in cases:
         backend = get_backend(name)
-        candidate = backend.build(ctx, backend.config({}))
+        assert backend.any_length, name
+        candidate = backend.build(ctx, backend.config(params))
         inputs = onnx.load(str(candidate.path)).graph.input
         assert [d.dim_param for d in inputs[0].type.tensor_type.shape.dim] == ["batch", "sequence"], name
         full, short = candidate.predict(batch), candidate.predict(trimmed)
         np.testing.assert_allclose(short, full, atol=atol, err_msg=name)
-        assert np.array_equal(short.argmax(-1), expected.argmax(-1)), name
+        assert np.array_equal(short.argmax(-1), full.argmax(-1)), name
+        assert not agrees or np.array_equal(short.argmax(-1), expected.argmax(-1)), name

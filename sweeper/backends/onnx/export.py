@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import numpy as np
 
@@ -355,7 +355,10 @@ OnnxConfigT = TypeVar("OnnxConfigT", bound=OnnxExportConfig)
 
 class OrtBackend(Backend[OnnxConfigT]):
     """What the ONNX Runtime backends share: they need torch, onnx and onnxruntime, export the
-    model before any trial (preflight), and reload their ONNX artifact as a session."""
+    model before any trial (preflight), and reload their ONNX artifact as a session. The export
+    declares the task's dynamic axes, so their sessions take any length along them."""
+
+    any_length: ClassVar[bool] = True
 
     def unavailable_reason(self) -> str | None:
         return onnx_unavailable_reason()
