@@ -287,11 +287,11 @@ def sensitivity(
 def _score_layers(task_path: Path, backend: str, params: dict[str, Any], num_cpus: int, chunk_size: int,
                   subset: SubsetFirst | None, address: str | None, debug: bool) -> Any:
     """Run the sensitivity Ray tasks with a progress bar; a failure inside a task is one message."""
-    import ray
     from rich.progress import Progress
 
     launch = worker_launch(address, task_path)
     connect(address, num_cpus=None, env=launch.runtime_env, debug=debug)
+    import ray  # after connect(), which chooses token authentication before Ray is first imported
     task_ref = TaskRef(name=task_path.stem, path=launch.task_path)
     try:
         with Progress(console=console) as progress:
