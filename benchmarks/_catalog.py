@@ -47,7 +47,7 @@ MODELS: dict[str, Model] = {
         Model(key="mobilenet_v2_latency", label="MobileNetV2 (torchvision, random weights: latency only)"),
         Model(key="bert_base_latency", label="BERT-base-sized encoder, seq 128 (random weights: latency only)",
               quick_variants=False),
-        Model(key="efficientnet_lite0", label="EfficientNet-Lite0 (pretrained, real photos)", quick_eval_samples=100),
+        Model(key="efficientnet_lite0", label="EfficientNet-Lite0 (pretrained, labelled ImageNet photos)", quick_eval_samples=100),
         Model(key="minilm_sentiment", label="all-MiniLM-L6-v2 + linear head, seq 64 (movie-review sentiment)",
               quick_eval_samples=300, quick_variants=False),
         Model(key="fashion_mnist_cnn", label="Fashion-MNIST CNN (trained here)", quick_eval_samples=1_000),

@@ -274,9 +274,6 @@ def _accuracy(task: Any, reference: dict[str, Any], outputs: np.ndarray) -> dict
         "agreement": agreement_pct(reference["outputs"], outputs),
         "output_max_abs_error": max_abs_error(reference["outputs"], outputs),
     }
-    hits = getattr(task, "expected_class_hits", None)
-    if hits is not None and len(outputs) == len(task.labels):
-        result["expected_class_hit_pct"] = hits(outputs)["all"]
     return result
 
 

@@ -25,7 +25,6 @@ EXTRA_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("speedup_vs_onnxruntime_fp32", pa.float64(), "onnxruntime_fp32_latency_ms_p50 / latency_ms_p50"),
     ("size_reduction", pa.float64(), "baseline_size_bytes / size_bytes"),
     ("eval_samples", pa.int64(), "evaluation samples behind accuracy and agreement"),
-    ("expected_class_hit_pct", pa.float64(), "EfficientNet-Lite0: known-subject views put in an expected class"),
     ("build_s", pa.float64(), "seconds to build the candidate"),
     ("quick", pa.bool_(), "measured with --quick"),
     ("cpu_flags", pa.string(), "the CPU's relevant instruction-set flags"),
@@ -53,7 +52,6 @@ def write_outputs(out: Path, study: str, markdown: str, rows: list[dict[str, Any
 def render_model_table(model: Model, rows: list[dict[str, Any]]) -> str:
     """One model's Markdown table: latency, both speedups, size, metric, drop, agreement."""
     latency_only = bool(rows and rows[0].get("latency_only"))
-    hits = any(r.get("expected_class_hit_pct") is not None for r in rows)
     base = rows[0] if rows else {}
     if latency_only:
         evaluated = "latency only: random weights, no accuracy claim"
@@ -69,7 +67,7 @@ def render_model_table(model: Model, rows: list[dict[str, Any]]) -> str:
     ]
     head = ["Method", "p50 ms", "p90 ms", "vs PyTorch FP32", "vs ORT FP32", "Size MB", "Reduction"]
     if not latency_only:
-        head += ["Metric", "Drop (pt)", "Agree %"] + (["Expected-class %"] if hits else [])
+        head += ["Metric", "Drop (pt)", "Agree %"]
     head.append("Note")
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
@@ -88,8 +86,6 @@ def render_model_table(model: Model, rows: list[dict[str, Any]]) -> str:
                 _num(row.get("accuracy_drop"), "{:+.2f}"),
                 _num(row.get("agreement"), "{:.1f}"),
             ]
-            if hits:
-                cells.append(_num(row.get("expected_class_hit_pct"), "{:.1f}"))
         note = f"failed: {row['error']}" if row.get("error") else ""
         cells.append(note.replace("|", "/")[:300])
         lines.append("| " + " | ".join(cells) + " |")

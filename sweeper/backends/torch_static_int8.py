@@ -13,19 +13,23 @@ in torch: FX leaves them in float and quantizes the Conv and Linear layers aroun
 Calibration takes milliseconds on models of the size of the project's tasks, so it is not cached
 across exclusion sets (the ONNX Runtime backend caches its ranges because ORT's take seconds).
 
-Why this backend is slow and inaccurate on EfficientNet-Lite0 (``tasks/efficientnet_lite0.py``),
-measured with torch 2.14, engine ``x86``, batch 1, one thread: 255 ms per call against 23 ms for
-the FP32 model (0.09x) and 45.7 % top-1 agreement on 116 views. The model's convolutions are
-``efficientnet_lite_pytorch``'s ``Conv2dStaticSamePadding``, a subclass of ``nn.Conv2d`` that pads
-with a ``ZeroPad2d`` and convolves with ``padding=0``. FX's fusion patterns match ``nn.Conv2d``
-itself, so no Conv+BatchNorm pair is fused: each of the 49 BatchNorms runs as its own
-``quantized::batch_norm2d`` with its own output quantization (the accuracy loss), and each pad
-dequantizes and requantizes. ``quantized::conv2d`` took 96.5 % of the time, nearly all of it in
-the depthwise convolutions of the padded inputs (a 5x5 one over 672 channels: 27 ms per call);
-FBGEMM's fast depthwise kernels cover particular kernel, stride and padding combinations, and
-these calls, with ``padding=0``, do not appear to take them (not verified in FBGEMM's source). A model with plain
-``nn.Conv2d`` layers (padding in the convolution) does not have either problem; the ORT backends
-quantize this model from its ONNX export, where the padding is an attribute of each Conv.
+EfficientNet-Lite0 (``tasks/efficientnet_lite0.py``): measured with torch 2.14, batch 1, one
+thread, 180 calibration views, on the task's 1,080 evaluation views (FP32: 85.46 % top-1, 24-29 ms
+per call):
+
+- engine ``onednn`` (histogram observer): **10.0 ms, 85.65 % top-1** (91.2 % of the views keep
+  the FP32 class). With the minmax observer: 11.0 ms, 80.93 %.
+- engine ``x86`` (the default, torch's recipe): 44 ms and 71.67 % (histogram), 60.09 % (minmax).
+  ``x86`` and ``fbgemm`` quantize activations to 7 bits (``reduce_range``), and FBGEMM's
+  convolutions ran slower than FP32 here.
+
+The model's convolutions are ``efficientnet_lite_pytorch``'s ``Conv2dStaticSamePadding``, a
+subclass of ``nn.Conv2d`` that pads with a ``ZeroPad2d`` and convolves with ``padding=0``. FX's
+fusion patterns match ``nn.Conv2d`` itself, so before
+:func:`~sweeper.backends.torch.fx_int8.unpad_same_convs` made them plain convolutions, no
+Conv+BatchNorm pair fused: each of the 49 BatchNorms ran as its own quantized op, each pad
+dequantized and requantized, and the model ran at 255-333 ms per call (0.09x FP32) with about half
+of its top-1 classes changed (engine ``x86``).
 """
 
 from __future__ import annotations

@@ -371,3 +371,70 @@ def test_a_transformers_model_is_rejected_with_the_backends_that_quantize_it() -
     with pytest.raises(QuantizationError) as plain:
         quantizable_layers(_toy_modules()["batch_dependent"])
     assert "transformers" not in str(plain.value), "the hint is only for models built by transformers"
+
+
+def _same_padded_net() -> Any:
+    """The digits CNN's shape with TensorFlow-style "same" convolutions, written as
+    efficientnet_pytorch writes them (a Conv2d subclass that pads with a ZeroPad2d child)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from torch import nn
+
+    class SamePadConv(nn.Conv2d):
+        def __init__(self, cin: int, cout: int, kernel: int, stride: int, image: int) -> None:
+            super().__init__(cin, cout, kernel, stride)
+            pad = max((math.ceil(image / stride) - 1) * stride + kernel - image, 0)
+            self.static_padding = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    torch.manual_seed(0)
+    features = nn.Sequential(
+        SamePadConv(1, 8, 3, 1, 8), nn.BatchNorm2d(8), nn.ReLU(),  # pads (1, 1, 1, 1)
+        SamePadConv(8, 8, 3, 2, 8), nn.BatchNorm2d(8), nn.ReLU(),  # pads (0, 1, 0, 1)
+    )  # fmt: skip
+    for bn in (features[1], features[4]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(features, nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).eval()
+
+
+def test_same_padded_convolutions_become_plain_ones_with_the_same_outputs() -> None:
+    import copy
+
+    import torch
+    from torch import nn
+
+    from sweeper.backends.torch.fx_int8 import unpad_same_convs
+
+    net = _same_padded_net()
+    plain = unpad_same_convs(copy.deepcopy(net))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), net(x), rtol=0, atol=1e-6)
+    first, second = plain[0][0], plain[0][3]
+    assert type(first) is nn.Conv2d and first.padding == (1, 1)
+    # the stride-2 layer pads one more pixel at the bottom and right: that part stays a pad
+    assert isinstance(second, nn.Sequential) and second[0].padding == (0, 1, 0, 1)
+    assert type(second[1]) is nn.Conv2d and second[1].padding == (0, 0)
+
+
+def test_static_int8_fuses_same_padded_convolutions_with_their_batchnorms(tmp_path: Path) -> None:
+    import re
+
+    task, _ = _digits()
+    net = _same_padded_net()
+    backend = get_backend("torch_static_int8")
+    candidate = backend.build(_ctx(task, net, tmp_path), backend.config({"calibration_samples": 64}))
+    ops = re.findall(r"quantized::\w+", str(candidate.module.inlined_graph))
+    # both Conv+BN+ReLU blocks fused: no quantized BatchNorm of its own
+    assert ops.count("quantized::conv2d_relu") == 2 and not any("batch_norm" in op for op in ops), ops
+    # the task's model is not changed, and the layer keeps its name for excluded_layers
+    assert type(net[0][0]).__name__ == "SamePadConv"
+    config = backend.config({"calibration_samples": 64, "excluded_layers": ["0.3"]})
+    excluded = backend.build(_ctx(task, net, tmp_path / "excluded"), config)
+    owners = {name.rsplit(".", 1)[0] for name, _ in excluded.module.named_parameters()}
+    assert owners == {"0.3.1.0"}  # the float Conv of the fused float ConvReLU2d behind the pad
