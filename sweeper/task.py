@@ -62,9 +62,10 @@ class Task(ABC):
         """Each sample's length before padding, for a task whose inputs are sequences padded along
         axis 1 (that axis named in :attr:`dynamic_axes`); ``None``, the default, when they are not.
 
-        With it, a model that takes any length is scored on length-sorted batches cut to their
-        longest sample (:func:`sweeper.measure.predict_rows_by_length`), which must give the
-        outputs the padded batches give: padding is masked, as an attention mask does.
+        With it, sensitivity scores a model that takes any length on length-sorted batches cut to
+        their longest sample (:func:`sweeper.measure.predict_rows_by_length`). Where padding is
+        masked (an attention mask) that gives the padded batches' outputs, except for models that
+        take activation ranges per call (dynamic INT8: see :func:`sweeper.scoring._predict`).
         """
         return None
 
