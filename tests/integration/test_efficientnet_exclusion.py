@@ -16,7 +16,7 @@ from sweeper.space import load_space
 from sweeper.study import SweepOptions, run_sweep
 from sweeper.task import load_task
 
-# About 3 minutes on 2 cores (the 50-layer ranking), too long for the default run: pytest -m slow.
+# About 5.5 minutes on 2 cores (the 50-layer ranking on 720 views), too long for the default run: pytest -m slow.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TASK = Path(__file__).resolve().parents[2] / "tasks" / "efficientnet_lite0.py"
 
