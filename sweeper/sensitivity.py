@@ -65,8 +65,9 @@ STUDY_CONFIRM_TOP = 16
 # Bump when what a layer is or what it is scored on changes, so cached tables of the old kind are
 # not read back (4: scored subset-first, on the trial part of the evaluation split only; 5: ONNX
 # Runtime sessions no longer quantize the float layers after a quantized one, see
-# sweeper.backends.onnx.runtime.DISABLED_OPTIMIZERS).
-LAYOUT = 5
+# sweeper.backends.onnx.runtime.DISABLED_OPTIMIZERS; 6: "same"-padded convolutions are layers of
+# the FX backends, and padded tasks are scored on cut batches, see sweeper.scoring._predict).
+LAYOUT = 6
 
 
 def cache_path(task_ref: TaskRef, backend: str, params: dict[str, Any], subset: SubsetFirst | None = None) -> Path:
